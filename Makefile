@@ -1,0 +1,58 @@
+# Two commands on a fresh Debian/Ubuntu box: `make run` and `make test`.
+# Everything else (venv, packages, mosquitto, model) is set up on demand.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+
+.PHONY: run test lint typecheck unit model mosquitto venv bench clean help
+
+help:
+	@echo "make run    - set up everything, then run the daemon in the foreground"
+	@echo "make test   - set up everything, then lint, type-check and run the whole suite"
+	@echo "make bench  - benchmark the daemon against raw llama-cpp-python"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/build-llama.sh
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet --progress-bar off pip
+	wheel=$$(scripts/build-llama.sh $(LLAMA_VERSION) $(BIN)/python) && \
+		$(BIN)/python -m pip install --progress-bar off --force-reinstall --no-deps "$$wheel" && \
+		$(BIN)/python -m pip install --progress-bar off "$$wheel"
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	@touch $@
+
+mosquitto:
+	@if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_rr >/dev/null 2>&1; then \
+		echo "installing mosquitto and mosquitto-clients"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			mosquitto mosquitto-clients; \
+	fi
+
+model: $(STAMP)
+	$(BIN)/edgeagent model fetch
+
+run: $(STAMP) model
+	$(BIN)/edgeagent run
+
+lint: $(STAMP)
+	$(BIN)/ruff check edgeagent tests scripts
+	$(BIN)/ruff format --check edgeagent tests scripts
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) model mosquitto lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) model
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,236 @@
+"""The `edgeagent` command: run the daemon, check config, manage models, ask from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from edgeagent import __version__, config, models
+from edgeagent.client import Client, ClientError, default_socket_path
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edgeagent import daemon  # noqa: PLC0415 (keeps client commands light)
+
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return daemon.EXIT_CONFIG
+    return daemon.run(cfg)
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.load(args.file)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    print(f"{cfg.source}: ok (node_id {cfg.node_id})")
+    return 0
+
+
+def _cmd_config_keys(args: argparse.Namespace) -> int:
+    for key, default, doc in config.describe_keys():
+        shown = f"0o{default:o}" if key.endswith(".mode") else json.dumps(default)
+        print(f"{key} = {shown}" + (f"    # {doc}" if doc else ""))
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    try:
+        manifest = models.load_manifest()
+        if args.action == "list":
+            for spec in manifest.models.values():
+                info = models.describe(spec)
+                mark = "*" if spec.name == manifest.default else " "
+                state = "cached" if info["cached"] else "not fetched"
+                print(f"{mark} {spec.name:40} {state:12} {spec.description}")
+                print(f"  {'':40} {info['file']}")
+            return 0
+        if args.action == "verify" and args.path:
+            sha = models.verify(Path(args.path), None, args.sha256, force=True)
+            print(f"{args.path}: sha256 {sha}")
+            return 0
+        spec = manifest.get(args.name or manifest.default)
+        if args.action == "fetch":
+            path = models.fetch(spec, force=args.force)
+            print(path)
+            return 0
+        path = models.model_path(spec)
+        bar = models.Progress(f"verifying {spec.name}", path.stat().st_size if path.exists() else 0)
+        sha = models.verify(path, spec.size, spec.sha256, force=True, progress=bar)
+        print(f"{path}: ok (sha256 {sha})")
+        return 0
+    except models.ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+
+
+def _request(args: argparse.Namespace, text: str, session: Optional[str]) -> dict[str, Any]:
+    req: dict[str, Any] = {"messages": []}
+    if args.system:
+        req["messages"].append({"role": "system", "content": args.system})
+    req["messages"].append({"role": "user", "content": text})
+    if session:
+        req["session"] = session
+    if args.max_tokens is not None:
+        req["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        req["temperature"] = args.temperature
+    return req
+
+
+def _stream_answer(client: Client, req: dict[str, Any], as_json: bool) -> int:
+    rid = client.new_id()
+    req["id"] = rid
+    client.send(req)
+    cancelled = False
+    events = client.events(rid)
+    while True:
+        try:
+            event = next(events)
+        except StopIteration:
+            return 1
+        except KeyboardInterrupt:
+            if cancelled:
+                raise
+            cancelled = True
+            client.send({"op": "cancel", "id": rid})
+            continue
+        if as_json:
+            print(json.dumps(event), flush=True)
+        elif event["event"] == "token":
+            sys.stdout.write(event["text"])
+            sys.stdout.flush()
+        elif event["event"] == "done":
+            if not req.get("stream", True):
+                sys.stdout.write(event["text"])
+            sys.stdout.write("\n")
+        elif event["event"] == "error":
+            sys.stdout.write("\n")
+            print(f"error: {event['code']}: {event['message']}", file=sys.stderr)
+        if event["event"] in ("done", "error"):
+            return 0 if event["event"] == "done" else 1
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    question = " ".join(args.question) if args.question else sys.stdin.read().strip()
+    if not question:
+        print("error: nothing to ask", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.socket) as client:
+            req = _request(args, question, args.session)
+            if args.no_stream:
+                req["stream"] = False
+            return _stream_answer(client, req, args.json)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    session = args.session or f"chat-{uuid.uuid4().hex[:12]}"
+    try:
+        with Client(args.socket) as client:
+            print(f"edgeagent chat (session {session}); /reset forgets, /quit or Ctrl-D leaves")
+            while True:
+                try:
+                    line = input("you> ").strip()
+                except EOFError:
+                    print()
+                    return 0
+                if not line:
+                    continue
+                if line in ("/quit", "/exit"):
+                    return 0
+                if line == "/reset":
+                    client.op("reset", session=session)
+                    print("(conversation forgotten)")
+                    continue
+                sys.stdout.write("edgeagent> ")
+                _stream_answer(client, _request(args, line, session), as_json=False)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print()
+        return 130
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        with Client(args.socket, timeout=10) as client:
+            print(json.dumps(client.op("status"), indent=2))
+            return 0
+    except (ClientError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeagent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"edgeagent {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", help="TOML config file (default: the embedded default config)")
+    run.set_defaults(func=_cmd_run)
+
+    cfg = sub.add_parser("config", help="check a config file or list every key")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True)
+    check = cfg_sub.add_parser("check", help="validate FILE; exit 2 listing every problem")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_config_check)
+    keys = cfg_sub.add_parser("keys", help="every key with its default")
+    keys.set_defaults(func=_cmd_config_keys)
+
+    model = sub.add_parser("model", help="list, fetch or verify models")
+    model.add_argument("action", choices=("list", "fetch", "verify"))
+    model.add_argument(
+        "name", nargs="?", help="model name from the manifest (default: its default)"
+    )
+    model.add_argument("--force", action="store_true", help="fetch even if a verified copy exists")
+    model.add_argument("--path", help="verify: check this file instead of a manifest model")
+    model.add_argument("--sha256", help="verify --path: the expected sha256")
+    model.set_defaults(func=_cmd_model)
+
+    def client_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--socket", default=None, help=f"default: {default_socket_path()}")
+        sp.add_argument("--session", help="conversation name for follow-ups")
+        sp.add_argument("--system", help="system message")
+        sp.add_argument("--max-tokens", type=int)
+        sp.add_argument("--temperature", type=float)
+
+    ask = sub.add_parser("ask", help="ask one question; the answer streams to stdout")
+    ask.add_argument("question", nargs="*", help="the question (default: read stdin)")
+    client_args(ask)
+    ask.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    ask.add_argument("--no-stream", action="store_true", help="print the answer when complete")
+    ask.set_defaults(func=_cmd_ask)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn conversation")
+    client_args(chat)
+    chat.set_defaults(func=_cmd_chat)
+
+    status = sub.add_parser("status", help="print the daemon's status")
+    status.add_argument("--socket", default=None)
+    status.set_defaults(func=_cmd_status)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

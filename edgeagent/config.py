@@ -1,0 +1,221 @@
+"""TOML configuration: parsed into frozen dataclasses, every problem reported at once.
+
+Each section is a dataclass whose fields carry their bounds in `metadata`; one generic
+validator walks them, so a new key is one line here and is checked, documented and
+rejected-when-unknown in the same way as every other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import socket
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from edgeagent._toml import tomllib
+
+DEFAULT_CONFIG_RESOURCE = "default.toml"
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _f(default: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
+       choices: Optional[tuple[str, ...]] = None, doc: str = "") -> Any:  # fmt: skip
+    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("", doc="model name from models/manifest.toml (default: the manifest's)")
+    path: str = _f("", doc="explicit GGUF file; overrides name")
+    sha256: str = _f("", doc="expected sha256 of `path` (64 hex digits); empty: not checked")
+    n_ctx: int = _f(4096, lo=256, hi=131072)
+    max_tokens: int = _f(512, lo=1, hi=131072)
+    threads: int = _f(0, lo=0, hi=256, doc="inference threads; 0 picks one per usable core")
+    n_batch: int = _f(512, lo=8, hi=8192)
+    temperature: float = _f(0.2, lo=0.0, hi=2.0)
+    system_prompt: str = _f("", doc="system message for requests that bring none")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    queue_size: int = _f(16, lo=1, hi=10000, doc="waiting requests; more get `busy`")
+    request_timeout_s: float = _f(120.0, lo=0.1, hi=86400.0)
+    max_sessions: int = _f(64, lo=0, hi=100000)
+    session_max_turns: int = _f(32, lo=1, hi=10000)
+    session_idle_s: float = _f(3600.0, lo=1.0, hi=30 * 86400.0)
+    session_cache_mb: int = _f(256, lo=0, hi=65536, doc="RAM for saved session KV states")
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    path: str = _f("/run/edgeagent/edgeagent.sock")
+    mode: int = _f(0o660, lo=0, hi=0o777)
+    max_line_bytes: int = _f(1 << 20, lo=1024, hi=64 << 20)
+    max_inflight_per_conn: int = _f(32, lo=1, hi=10000)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = _f(False)
+    host: str = _f("localhost")
+    port: int = _f(1883, lo=1, hi=65535)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _f("info", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str = _f("")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    socket: SocketConfig = field(default_factory=SocketConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; `problems` holds one `file: key: reason` per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: Any) -> tuple[Any, Optional[str]]:
+    if key.endswith(".mode") and isinstance(value, str):
+        if not re.fullmatch(r"0?o?[0-7]{3,4}", value):
+            return value, f'expected an octal file mode like "0660", got {value!r}'
+        value = int(value.replace("o", ""), 8)
+    if tp is bool:
+        if not isinstance(value, bool):
+            return value, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        value = float(value)
+        if not math.isfinite(value):
+            return value, f"expected a finite number, got {value!r}"
+    elif tp is str and not isinstance(value, str):
+        return value, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if lo is not None and value < lo:
+        return value, f"{value!r} is below the minimum {lo:g}"
+    if hi is not None and value > hi:
+        return value, f"{value!r} is above the maximum {hi:g}"
+    if choices and value not in choices:
+        return value, f"{value!r} is not one of {', '.join(choices)}"
+    return value, None
+
+
+def _build(cls: Any, raw: dict[str, Any], prefix: str, problems: list[str], src: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            problems.append(f"{src}: {dotted}: unknown key (known: {', '.join(sorted(known))})")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problems.append(f"{src}: {dotted}: expected a [{dotted}] table")
+                continue
+            values[key] = _build(tp, value, f"{dotted}.", problems, src)
+            continue
+        checked, problem = _check_value(dotted, value, tp, known[key].metadata)
+        if problem:
+            problems.append(f"{src}: {dotted}: {problem}")
+        else:
+            values[key] = checked
+    return cls(**values)
+
+
+def _cross_check(cfg: Config, problems: list[str]) -> Config:
+    src = cfg.source
+    if cfg.model.max_tokens >= cfg.model.n_ctx:
+        problems.append(
+            f"{src}: model.max_tokens: {cfg.model.max_tokens} leaves no room for a prompt "
+            f"in model.n_ctx = {cfg.model.n_ctx}"
+        )
+    if cfg.model.sha256 and not re.fullmatch(r"[0-9a-f]{64}", cfg.model.sha256):
+        problems.append(f"{src}: model.sha256: expected 64 lowercase hex digits")
+    if cfg.model.sha256 and not cfg.model.path:
+        problems.append(f"{src}: model.sha256: only meaningful with model.path")
+    if not cfg.socket.path:
+        problems.append(f"{src}: socket.path: must not be empty")
+    elif len(cfg.socket.path.encode()) > 107:
+        problems.append(f"{src}: socket.path: longer than the 107 bytes a Unix socket allows")
+    node_id = cfg.node_id or socket.gethostname().split(".")[0]
+    if not NODE_ID_RE.match(node_id):
+        problems.append(
+            f"{src}: node_id: {node_id!r} must be 1-64 of letters, digits, '_', '-', '.' "
+            "(it becomes part of MQTT topics)"
+        )
+    return dataclasses.replace(cfg, node_id=node_id)
+
+
+def parse(text: str, source: str) -> Config:
+    """Parse and validate TOML text; raises ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems, source)
+    cfg = dataclasses.replace(cfg, source=source)
+    cfg = _cross_check(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    result: Config = cfg
+    return result
+
+
+def load(path: Optional[str]) -> Config:
+    """Load a config file, or the embedded default config when `path` is None."""
+    if path is None:
+        text = resources.files("edgeagent").joinpath(DEFAULT_CONFIG_RESOURCE).read_text()
+        return parse(text, "<embedded default config>")
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not valid UTF-8: {exc.reason}"]) from None
+    return parse(text, path)
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every key: used by `edgeagent config keys` and the docs."""
+    out: list[tuple[str, Any, str]] = []
+
+    def walk(cls: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{f.name}.")
+            else:
+                out.append((prefix + f.name, f.default, f.metadata.get("doc", "")))
+
+    walk(Config, "")
+    return out

@@ -1,0 +1,227 @@
+"""The request/reply JSON shared by every transport: parsing, validation and event builders.
+
+See docs/protocol.md. Parsing never raises anything but ProtocolError, whose `code` and
+`request_id` go straight into the `error` event the caller gets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+MAX_ID_LEN = 128
+MAX_MESSAGES = 256
+ROLES = ("system", "user", "assistant")
+
+# Error codes, one place. A client may rely on these strings.
+BAD_REQUEST = "bad_request"
+BUSY = "busy"
+TOO_LONG = "too_long"
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+INTERNAL = "internal"
+ERROR_CODES = (BAD_REQUEST, BUSY, TOO_LONG, TIMEOUT, CANCELLED, INTERNAL)
+
+REQUEST_FIELDS = {
+    "id", "messages", "prompt", "session", "max_tokens", "temperature", "stream", "deadline_ms",
+    "stop",
+}  # fmt: skip
+OPS = {
+    "status": {"op"},
+    "cancel": {"op", "id"},
+    "reset": {"op", "session"},
+}
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, request_id: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    messages: tuple[dict[str, str], ...]
+    session: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    stream: bool = True
+    deadline_ms: Optional[int] = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Op:
+    op: str
+    id: Optional[str] = None
+    session: Optional[str] = None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode(data: Union[bytes, str]) -> Any:
+    """Strict JSON: UTF-8 only, no NaN/Infinity, no duplicate-key ambiguity."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(BAD_REQUEST, f"invalid UTF-8 at byte {exc.start}") from None
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ProtocolError(BAD_REQUEST, "invalid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise ProtocolError(BAD_REQUEST, f"invalid JSON: {exc}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _id_of(obj: dict[str, Any]) -> Optional[str]:
+    rid = obj.get("id")
+    return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN else None
+
+
+def _check_id(obj: dict[str, Any], what: str = "id") -> str:
+    rid = obj.get(what)
+    if not isinstance(rid, str) or not rid:
+        raise ProtocolError(BAD_REQUEST, f"`{what}` must be a non-empty string")
+    if len(rid) > MAX_ID_LEN:
+        raise ProtocolError(BAD_REQUEST, f"`{what}` is longer than {MAX_ID_LEN} characters")
+    return rid
+
+
+def parse(obj: Any, *, max_tokens_limit: int) -> Union[Request, Op]:
+    """Validate a decoded JSON value as a request or a control op."""
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_REQUEST, "a request must be a JSON object")
+    if "op" in obj:
+        return _parse_op(obj)
+    rid = _id_of(obj)
+    try:
+        return _parse_request(obj, max_tokens_limit)
+    except ProtocolError as exc:
+        exc.request_id = rid
+        raise
+
+
+def _parse_op(obj: dict[str, Any]) -> Op:
+    op = obj["op"]
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError(BAD_REQUEST, f"unknown op {op!r}; known: {', '.join(OPS)}", _id_of(obj))
+    unknown = set(obj) - OPS[op]
+    if unknown:
+        raise ProtocolError(
+            BAD_REQUEST, f"unknown field(s) for op {op}: {', '.join(sorted(unknown))}", _id_of(obj)
+        )
+    if op == "cancel":
+        return Op(op, id=_check_id(obj))
+    if op == "reset":
+        return Op(op, session=_check_id(obj, "session"))
+    return Op(op)
+
+
+def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
+    unknown = set(obj) - REQUEST_FIELDS
+    if unknown:
+        raise ProtocolError(BAD_REQUEST, f"unknown field(s): {', '.join(sorted(unknown))}")
+    rid = _check_id(obj)
+    has_messages, has_prompt = "messages" in obj, "prompt" in obj
+    if has_messages == has_prompt:
+        raise ProtocolError(BAD_REQUEST, "give exactly one of `messages` or `prompt`")
+    if has_prompt:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise ProtocolError(BAD_REQUEST, "`prompt` must be a non-empty string")
+        messages: tuple[dict[str, str], ...] = ({"role": "user", "content": prompt},)
+    else:
+        messages = _parse_messages(obj["messages"])
+    session = None
+    if "session" in obj:
+        session = _check_id(obj, "session")
+    max_tokens = obj.get("max_tokens")
+    if max_tokens is not None and (
+        not _is_int(max_tokens) or not 1 <= max_tokens <= max_tokens_limit
+    ):
+        raise ProtocolError(
+            BAD_REQUEST, f"`max_tokens` must be an integer from 1 to {max_tokens_limit}"
+        )
+    temperature = obj.get("temperature")
+    if temperature is not None:
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or not 0.0 <= temperature <= 2.0
+        ):
+            raise ProtocolError(BAD_REQUEST, "`temperature` must be a number from 0 to 2")
+        temperature = float(temperature)
+    stream = obj.get("stream", True)
+    if not isinstance(stream, bool):
+        raise ProtocolError(BAD_REQUEST, "`stream` must be true or false")
+    deadline_ms = obj.get("deadline_ms")
+    if deadline_ms is not None and (not _is_int(deadline_ms) or not 1 <= deadline_ms <= 86_400_000):
+        raise ProtocolError(BAD_REQUEST, "`deadline_ms` must be an integer from 1 to 86400000")
+    stop = obj.get("stop", [])
+    if (
+        not isinstance(stop, list)
+        or len(stop) > 8
+        or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop)
+    ):
+        raise ProtocolError(BAD_REQUEST, "`stop` must be a list of up to 8 non-empty strings")
+    return Request(
+        id=rid,
+        messages=messages,
+        session=session,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        stream=stream,
+        deadline_ms=deadline_ms,
+        stop=tuple(stop),
+    )
+
+
+def _parse_messages(value: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise ProtocolError(BAD_REQUEST, "`messages` must be a non-empty list")
+    if len(value) > MAX_MESSAGES:
+        raise ProtocolError(BAD_REQUEST, f"`messages` has more than {MAX_MESSAGES} entries")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or set(msg) != {"role", "content"}:
+            raise ProtocolError(
+                BAD_REQUEST, f"messages[{i}] must be an object with exactly `role` and `content`"
+            )
+        role, content = msg["role"], msg["content"]
+        if role not in ROLES:
+            raise ProtocolError(BAD_REQUEST, f"messages[{i}].role must be one of {ROLES}")
+        if not isinstance(content, str):
+            raise ProtocolError(BAD_REQUEST, f"messages[{i}].content must be a string")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "user":
+        raise ProtocolError(BAD_REQUEST, "the last message must have role `user`")
+    return tuple(out)
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+def token_event(rid: str, text: str) -> dict[str, Any]:
+    return {"event": "token", "id": rid, "text": text}
+
+
+def error_event(rid: Optional[str], code: str, message: str) -> dict[str, Any]:
+    return {"event": "error", "id": rid, "code": code, "message": message}
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """One JSON line. ensure_ascii keeps the wire 7-bit clean for simple terminal clients."""
+    return json.dumps(event, separators=(",", ":")).encode() + b"\n"

@@ -1,0 +1,54 @@
+"""Talking to systemd: sd_notify messages and sockets passed by socket activation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Optional
+
+import sdnotify
+
+log = logging.getLogger("edgeagent.systemd")
+
+SD_LISTEN_FDS_START = 3
+
+
+class Notifier:
+    """sd_notify when run under systemd (NOTIFY_SOCKET set); silent otherwise."""
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+
+    def notify(self, *lines: str) -> None:
+        if self._sd is not None:
+            self._sd.notify("\n".join(lines))
+
+    def ready(self, status: str) -> None:
+        self.notify("READY=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self.notify(f"STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        self.notify("STOPPING=1", f"STATUS={status}")
+
+
+def inherited_unix_socket() -> Optional[socket.socket]:
+    """The listening Unix socket systemd passed us (LISTEN_FDS/LISTEN_PID), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)  # not for our children
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        sock = socket.socket(fileno=fd)
+        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+            sock.setblocking(False)
+            return sock
+        sock.detach()
+    return None

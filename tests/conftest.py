@@ -1,0 +1,195 @@
+"""Shared fixtures: the real model from the cache and real daemon processes on real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+from edgeagent import models
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="session")
+def model_file() -> Path:
+    """The default model, fetched into the cache by `make test` before pytest runs."""
+    manifest = models.load_manifest()
+    spec = manifest.get(manifest.default)
+    return models.fetch(spec)
+
+
+class Daemon:
+    """A real `edgeagent run` process with its own config, socket and log file."""
+
+    def __init__(self, workdir: Path, config_text: str) -> None:
+        self.workdir = workdir
+        self.socket_path = str(workdir / "edgeagent.sock")
+        self.config_path = workdir / "edgeagent.toml"
+        self.config_path.write_text(config_text.replace("@SOCKET@", self.socket_path))
+        self.log_path = workdir / "daemon.log"
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.ready_s: Optional[float] = None
+
+    def start(self) -> Daemon:
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgeagent", "run", "--config", str(self.config_path)],
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = t0 + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with connect(self.socket_path) as conn:
+                    if conn.op("status")["event"] == "status":
+                        self.ready_s = time.monotonic() - t0
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"daemon not ready after {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Conn:
+    """A raw JSON-lines connection, for tests that need to send malformed bytes."""
+
+    def __init__(self, path: str, timeout: float = 60) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, obj: Any) -> None:
+        self.send_raw(json.dumps(obj).encode() + b"\n")
+
+    def read(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed by the daemon")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+    def op(self, name: str, **fields: Any) -> dict[str, Any]:
+        self.send({"op": name, **fields})
+        while True:
+            event = self.read()
+            if event["event"] in (name, "error"):
+                return event
+
+    def until_final(self, rid: str) -> list[dict[str, Any]]:
+        """Every event for `rid` up to its final one (events of other ids are skipped)."""
+        out = []
+        while True:
+            event = self.read()
+            if event.get("id") != rid:
+                continue
+            out.append(event)
+            if event["event"] in ("done", "error"):
+                return out
+
+    def collect(self, ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+        """Read until every id in `ids` has its final event."""
+        out: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+        open_ids = set(ids)
+        while open_ids:
+            event = self.read()
+            rid = event.get("id")
+            if rid in out:
+                out[rid].append(event)
+                if event["event"] in ("done", "error"):
+                    open_ids.discard(rid)
+        return out
+
+
+def connect(path: str, timeout: float = 60) -> Conn:
+    return Conn(path, timeout)
+
+
+BASE_CONFIG = """
+node_id = "test-node"
+[model]
+n_ctx = {n_ctx}
+max_tokens = 256
+temperature = 0.0
+[engine]
+queue_size = {queue_size}
+[socket]
+path = "@SOCKET@"
+"""
+
+
+@pytest.fixture(scope="session")
+def daemon_factory(
+    model_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def make(n_ctx: int = 2048, queue_size: int = 8, extra: str = "") -> Daemon:
+        workdir = tmp_path_factory.mktemp("daemon")
+        d = Daemon(workdir, BASE_CONFIG.format(n_ctx=n_ctx, queue_size=queue_size) + extra)
+        started.append(d)
+        return d.start()
+
+    yield make
+    for d in started:
+        if d.proc is not None:
+            d.stop()
+
+
+@pytest.fixture(scope="session")
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """The shared daemon most end-to-end tests talk to."""
+    return daemon_factory()
+
+
+@pytest.fixture
+def conn(daemon: Daemon) -> Iterator[Conn]:
+    with connect(daemon.socket_path) as c:
+        yield c
+
+
+def env_without_sockets() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("EDGEAGENT_SOCKET", None)
+    return env
