@@ -187,7 +187,7 @@ class SocketServer:
         `echo '{...}' | nc -U` style clients half-close and keep reading; a client that went
         away entirely shows POLLHUP, and then its requests are cancelled at once.
         """
-        if sock is None:
+        if sock is None or sink.closed or sock.fileno() < 0:
             return
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLHUP)

@@ -263,12 +263,29 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
     d = daemon_factory()
-    with connect(d.socket_path) as c:
+    with connect(d.socket_path) as idle, connect(d.socket_path) as c:
+        assert idle.op("status")["state"] == "ready"
         c.send({"id": "drain", "prompt": "Name three metals.", "max_tokens": 20})
         assert c.read()["event"] == "token"
         assert d.proc is not None
         d.proc.send_signal(signal.SIGTERM)
         final = c.until_final("drain")[-1]
-    assert final["event"] == "done"
-    assert d.stop() == 0
+        assert final["event"] == "done"
+        assert d.stop() == 0
+        with pytest.raises(EOFError):
+            idle.read()  # idle connections are closed at exit
     assert not os.path.exists(d.socket_path)
+    assert "Traceback" not in d.log()
+
+
+def test_clients_that_hang_up_at_once_leave_no_errors(daemon: Daemon) -> None:
+    for i in range(30):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(daemon.socket_path)
+        s.sendall(b'{"op": "status"}\n' if i % 3 else b'{"id": "x", "prompt": "hi"}\n')
+        if i % 3 == 1:
+            s.recv(65536)  # read the reply, then hang up
+        s.close()
+    with connect(daemon.socket_path) as c:
+        assert c.op("status")["state"] == "ready"
+    assert "Traceback" not in daemon.log()

@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Benchmark edgeagent against raw llama-cpp-python, side by side in one run.
+
+Loads the model in this process with llama-cpp-python (the baseline) and starts a real
+`edgeagent run` daemon on a temporary socket, then sends the same prompts to both,
+alternating which goes first each round. Reports time to first token (TTFT) and decode
+tokens/s as a client sees them, the daemon's RSS and its start-to-ready time, and checks
+them against the targets. With --write, the figures go into docs/benchmarks.md (and a plot
+into docs/benchmarks.png when matplotlib is installed).
+
+    make bench                      # print the figures
+    .venv/bin/python scripts/bench.py --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import contextlib
+
+from edgeagent import __version__, models
+
+PROMPTS = [
+    "What does a programmable logic controller do on a packaging line? Answer briefly.",
+    "Give three common causes of a conveyor belt drifting to one side, as a short list.",
+    "Explain in two sentences why a motor might overheat when its supply voltage is low.",
+    "What is the difference between preventive and predictive maintenance? Keep it short.",
+    "List the first steps to take when a pneumatic cylinder moves slower than usual.",
+]
+MARK_BEGIN = "<!-- bench:begin -->"
+MARK_END = "<!-- bench:end -->"
+
+
+def measure_stream(chunks: Any, is_token: Any) -> tuple[float, float, int]:
+    """(ttft_s, tokens_per_s, n_tokens) of a stream; timing starts when called."""
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    for chunk in chunks:
+        if is_token(chunk):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += 1
+    assert first is not None and last is not None, "no token arrived"
+    tps = (n - 1) / (last - first) if n > 1 and last > first else float("nan")
+    return first - t0, tps, n
+
+
+def raw_run(llm: Any, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    stream = llm.create_chat_completion(
+        [{"role": "user", "content": prompt}],
+        max_tokens=max_tokens, temperature=0.0, stream=True,
+    )  # fmt: skip
+    return measure_stream(stream, lambda c: bool(c["choices"][0]["delta"].get("content")))
+
+
+class SocketClient:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+
+    def request(self, obj: dict[str, Any]) -> Any:
+        self.sock.sendall(json.dumps(obj).encode() + b"\n")
+        while True:
+            event = json.loads(self.file.readline())
+            yield event
+            if event["event"] in ("done", "error"):
+                if event["event"] == "error":
+                    raise RuntimeError(event)
+                return
+
+
+def daemon_run(
+    client: SocketClient, rid: str, prompt: str, max_tokens: int
+) -> tuple[float, float, int]:
+    req = {"id": rid, "messages": [{"role": "user", "content": prompt}],
+           "max_tokens": max_tokens, "temperature": 0.0}  # fmt: skip
+    return measure_stream(client.request(req), lambda e: e["event"] == "token")
+
+
+def start_daemon(
+    model_file: Path, workdir: Path, n_ctx: int, threads: int
+) -> tuple[subprocess.Popen[bytes], float, str]:
+    sock = str(workdir / "bench.sock")
+    cfg = workdir / "bench.toml"
+    cfg.write_text(
+        f'[model]\npath = "{model_file}"\nn_ctx = {n_ctx}\nthreads = {threads}\n'
+        f'max_tokens = 1024\n[socket]\npath = "{sock}"\n[log]\nlevel = "warning"\n'
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)], cwd=workdir
+    )
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}")
+        try:
+            c = SocketClient(sock)
+            c.sock.sendall(b'{"op": "status"}\n')
+            if json.loads(c.file.readline())["event"] == "status":
+                ready = time.perf_counter() - t0
+                c.sock.close()
+                return proc, ready, sock
+        except OSError:
+            time.sleep(0.01)
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "p50": statistics.median(ordered),
+        "p90": ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))],
+        "mean": statistics.fmean(ordered),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=4, help="times each prompt is sent to each side")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--n-ctx", type=int, default=4096)
+    ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md (+ .png)")
+    args = ap.parse_args()
+
+    manifest = models.load_manifest()
+    spec = manifest.get(manifest.default)
+    model_file = models.fetch(spec)
+    from llama_cpp import Llama
+    from llama_cpp import __version__ as llama_version
+
+    print(
+        f"model {spec.name}, n_ctx {args.n_ctx}, {args.threads} threads, "
+        f"max_tokens {args.max_tokens}, {args.rounds} rounds x {len(PROMPTS)} prompts"
+    )
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(model_file), n_ctx=args.n_ctx, n_threads=args.threads,
+                n_threads_batch=args.threads, verbose=False)  # fmt: skip
+    raw_load = time.perf_counter() - t0
+    raw_rss = psutil.Process().memory_info().rss
+
+    with tempfile.TemporaryDirectory(prefix="edgeagent-bench-") as tmp:
+        proc, ready_s, sock = start_daemon(model_file, Path(tmp), args.n_ctx, args.threads)
+        try:
+            client = SocketClient(sock)
+            raw_run(llm, "Hello", 4)  # warm-up, both sides
+            list(client.request({"id": "warm", "prompt": "Hello", "max_tokens": 4}))
+            results: dict[str, dict[str, list[float]]] = {
+                side: {"ttft": [], "tps": []} for side in ("raw", "socket")
+            }
+            n = 0
+            for rnd in range(args.rounds):
+                for i, prompt in enumerate(PROMPTS):
+                    order = ("raw", "socket") if (rnd + i) % 2 == 0 else ("socket", "raw")
+                    for side in order:
+                        if side == "raw":
+                            ttft, tps, _ = raw_run(llm, prompt, args.max_tokens)
+                        else:
+                            n += 1
+                            ttft, tps, _ = daemon_run(client, f"b{n}", prompt, args.max_tokens)
+                        results[side]["ttft"].append(ttft * 1000)
+                        results[side]["tps"].append(tps)
+            daemon_rss = psutil.Process(proc.pid).memory_info().rss
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    del llm
+    gc.collect()
+
+    raw_t, sock_t = summarize(results["raw"]["ttft"]), summarize(results["socket"]["ttft"])
+    raw_s, sock_s = summarize(results["raw"]["tps"]), summarize(results["socket"]["tps"])
+    ttft_delta = sock_t["p50"] - raw_t["p50"]
+    checks = [
+        ("socket TTFT p50 within 5% (or 5 ms) of raw",
+         ttft_delta <= max(0.05 * raw_t["p50"], 5.0),
+         f"{sock_t['p50']:.1f} ms vs {raw_t['p50']:.1f} ms ({ttft_delta:+.1f} ms)"),
+        ("socket tokens/s p50 at least 97% of raw",
+         sock_s["p50"] >= 0.97 * raw_s["p50"],
+         f"{sock_s['p50']:.1f} vs {raw_s['p50']:.1f} ({100 * sock_s['p50'] / raw_s['p50']:.1f}%)"),
+        ("daemon RSS under 750 MB", daemon_rss < 750e6, f"{daemon_rss / 1e6:.0f} MB"),
+        ("start to ready under 2 s (model cached)", ready_s < 2.0, f"{ready_s:.2f} s"),
+    ]  # fmt: skip
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} by `scripts/bench.py` on {cpu}, "
+        f"{psutil.cpu_count()} cores; edgeagent {__version__}, llama-cpp-python {llama_version}; "
+        f"model {spec.name}, n_ctx {args.n_ctx}, {args.threads} threads, greedy, "
+        f"max_tokens {args.max_tokens}; {args.rounds} rounds x {len(PROMPTS)} prompts per side, "
+        "order alternating.",
+        "",
+        "| path | TTFT p50 (ms) | TTFT p90 (ms) | tokens/s p50 | tokens/s mean |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| raw llama-cpp-python (in process) | {raw_t['p50']:.1f} | {raw_t['p90']:.1f} | "
+        f"{raw_s['p50']:.1f} | {raw_s['mean']:.1f} |",
+        f"| edgeagent over the Unix socket | {sock_t['p50']:.1f} | {sock_t['p90']:.1f} | "
+        f"{sock_s['p50']:.1f} | {sock_s['mean']:.1f} |",
+        "",
+        f"Raw load time {raw_load:.2f} s, raw process RSS {raw_rss / 1e6:.0f} MB.",
+        "",
+        "| target | result | measured |",
+        "| --- | --- | --- |",
+        *(f"| {name} | {'pass' if ok else 'FAIL'} | {value} |" for name, ok, value in checks),
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.write:
+        write_docs(report, results)
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def write_docs(report: str, results: dict[str, dict[str, list[float]]]) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    head, rest = text.split(MARK_BEGIN, 1)
+    _, tail = rest.split(MARK_END, 1)
+    doc.write_text(f"{head}{MARK_BEGIN}\n{report}\n{MARK_END}{tail}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    labels = ["raw llama-cpp-python", "edgeagent socket"]
+    ax1.boxplot([results["raw"]["ttft"], results["socket"]["ttft"]], labels=labels)
+    ax1.set_title("time to first token (ms)")
+    ax2.boxplot([results["raw"]["tps"], results["socket"]["tps"]], labels=labels)
+    ax2.set_title("decode tokens/s")
+    for ax in (ax1, ax2):
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "benchmarks.png", dpi=110)
+    print(f"wrote {doc} and docs/benchmarks.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
