@@ -156,7 +156,6 @@ def main() -> int:
     llm = Llama(model_path=str(model_file), n_ctx=args.n_ctx, n_threads=args.threads,
                 n_threads_batch=args.threads, verbose=False)  # fmt: skip
     raw_load = time.perf_counter() - t0
-    raw_rss = psutil.Process().memory_info().rss
 
     with tempfile.TemporaryDirectory(prefix="edgeagent-bench-") as tmp:
         proc, ready_s, sock = start_daemon(model_file, Path(tmp), args.n_ctx, args.threads)
@@ -180,6 +179,7 @@ def main() -> int:
                         results[side]["ttft"].append(ttft * 1000)
                         results[side]["tps"].append(tps)
             daemon_rss = psutil.Process(proc.pid).memory_info().rss
+            raw_rss = psutil.Process().memory_info().rss
         finally:
             proc.terminate()
             proc.wait(30)
@@ -220,7 +220,9 @@ def main() -> int:
         f"| edgeagent over the Unix socket | {sock_t['p50']:.1f} | {sock_t['p90']:.1f} | "
         f"{sock_s['p50']:.1f} | {sock_s['mean']:.1f} |",
         "",
-        f"Raw load time {raw_load:.2f} s, raw process RSS {raw_rss / 1e6:.0f} MB.",
+        f"Raw llama-cpp-python: load {raw_load:.2f} s; RSS of the benchmark process after the "
+        f"runs {raw_rss / 1e6:.0f} MB (the daemon's, measured at the same point, is in the "
+        "table below).",
         "",
         "| target | result | measured |",
         "| --- | --- | --- |",
@@ -249,9 +251,9 @@ def write_docs(report: str, results: dict[str, dict[str, list[float]]]) -> None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     labels = ["raw llama-cpp-python", "edgeagent socket"]
-    ax1.boxplot([results["raw"]["ttft"], results["socket"]["ttft"]], labels=labels)
+    ax1.boxplot([results["raw"]["ttft"], results["socket"]["ttft"]], tick_labels=labels)
     ax1.set_title("time to first token (ms)")
-    ax2.boxplot([results["raw"]["tps"], results["socket"]["tps"]], labels=labels)
+    ax2.boxplot([results["raw"]["tps"], results["socket"]["tps"]], tick_labels=labels)
     ax2.set_title("decode tokens/s")
     for ax in (ax1, ax2):
         ax.grid(axis="y", alpha=0.3)
