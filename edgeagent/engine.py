@@ -95,14 +95,13 @@ class SessionStore:
         with self._lock:
             return sum(len(c.kv_state or b"") for c in self._items.values())
 
-    def commit(self, name: str, conv: _Conversation, new: list[dict[str, str]]) -> None:
+    def commit(self, conv: _Conversation, new: list[dict[str, str]]) -> None:
+        """Add a finished turn. A conversation reset meanwhile stays forgotten."""
         with self._lock:
             conv.messages.extend(new)
             turns = sum(1 for m in conv.messages if m["role"] == "user")
             while turns > self.max_turns and drop_oldest_turn(conv.messages):
                 turns -= 1
-            if self.max_sessions and name not in self._items:
-                self._items[name] = conv
 
     def store_kv(self, conv: _Conversation, tokens: list[int], state: bytes) -> None:
         with self._lock:
@@ -443,6 +442,9 @@ class Engine:
         first_at = first_at or end
         decode_s = end - first_at
         text = matcher.text
+        if conv is not None:
+            # Before `done`: a client that reacts to it (follow-up, reset) sees the new turn.
+            self.sessions.commit(conv, [*req.messages, {"role": "assistant", "content": text}])
         job.emit(
             {
                 "event": "done",
@@ -469,12 +471,8 @@ class Engine:
                 },
             }
         )
-        if conv is not None and req.session:
-            self.sessions.commit(
-                req.session, conv, [*req.messages, {"role": "assistant", "content": text}]
-            )
-            if self.sessions.kv_budget:
-                self.sessions.store_kv(conv, *self._save_kv())
+        if conv is not None and self.sessions.kv_budget:
+            self.sessions.store_kv(conv, *self._save_kv())  # after `done`: off the latency path
 
     @staticmethod
     def _stopped_event(job: Job, partial: str, n_tokens: int) -> Event:

@@ -64,7 +64,7 @@ def test_session_store_bounds_turns_sessions_and_kv_bytes() -> None:
     store = SessionStore(max_sessions=2, max_turns=2, idle_s=3600, kv_budget=100)
     conv = store.get("a")
     for i in range(4):
-        store.commit("a", conv, [{"role": "user", "content": f"u{i}"},
+        store.commit(conv, [{"role": "user", "content": f"u{i}"},
                                  {"role": "assistant", "content": f"a{i}"}])  # fmt: skip
     assert [m["content"] for m in conv.messages] == ["u2", "a2", "u3", "a3"]
     store.store_kv(conv, [1, 2], b"x" * 60)
