@@ -60,10 +60,44 @@ class SocketConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = _f(False)
+    ca_file: str = _f("", doc="CA bundle to verify the broker (empty: the system's)")
+    cert_file: str = _f("", doc="client certificate, for brokers that require one")
+    key_file: str = _f("", doc="client private key")
+
+
+@dataclass(frozen=True)
 class MqttConfig:
     enabled: bool = _f(False)
     host: str = _f("localhost")
     port: int = _f(1883, lo=1, hi=65535)
+    protocol: str = _f("5", choices=("5", "3.1.1"), doc="MQTT version to speak")
+    client_id: str = _f(
+        "", doc="stable id for the persistent session (default edgeagent-<node_id>)"
+    )
+    keepalive: int = _f(30, lo=1, hi=65535, doc="seconds; the Last Will fires after 1.5x this")
+    qos: int = _f(1, lo=0, hi=1, doc="QoS of subscriptions and token events (finals are QoS 1)")
+    topic_prefix: str = _f("edgeagent")
+    shared_group: str = _f("", doc="also take requests from $share/<group>/<prefix>/ask")
+    username: str = _f("")
+    password_file: str = _f(
+        "", doc="file holding the password (default: $CREDENTIALS_DIRECTORY/mqtt-password)"
+    )
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    session_expiry_s: int = _f(
+        86400,
+        lo=0,
+        hi=4294967295,
+        doc="how long the broker keeps requests for us while we are away",
+    )
+    token_interval_ms: int = _f(50, lo=0, hi=10000, doc="coalesce token events for this long")
+    token_batch: int = _f(16, lo=1, hi=10000, doc="... or until this many tokens are pending")
+    metrics_interval_s: float = _f(30.0, lo=1.0, hi=86400.0)
+    max_payload_bytes: int = _f(1 << 20, lo=1024, hi=256 << 20)
+    max_inflight_per_client: int = _f(32, lo=1, hi=10000, doc="per reply topic")
+    reconnect_min_s: int = _f(1, lo=1, hi=3600)
+    reconnect_max_s: int = _f(30, lo=1, hi=3600)
 
 
 @dataclass(frozen=True)
@@ -160,6 +194,24 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(f"{src}: model.sha256: expected 64 lowercase hex digits")
     if cfg.model.sha256 and not cfg.model.path:
         problems.append(f"{src}: model.sha256: only meaningful with model.path")
+    m = cfg.mqtt
+    if not re.fullmatch(r"[^+#$/][^+#]*", m.topic_prefix) or m.topic_prefix.endswith("/"):
+        problems.append(
+            f"{src}: mqtt.topic_prefix: {m.topic_prefix!r} must be a topic without wildcards, "
+            "not starting with '$' or '/', not ending with '/'"
+        )
+    if m.shared_group and not re.fullmatch(r"[^+#/]+", m.shared_group):
+        problems.append(f"{src}: mqtt.shared_group: must not contain '/', '+' or '#'")
+    if m.reconnect_max_s < m.reconnect_min_s:
+        problems.append(f"{src}: mqtt.reconnect_max_s: below mqtt.reconnect_min_s")
+    if (m.tls.cert_file == "") != (m.tls.key_file == ""):
+        problems.append(f"{src}: mqtt.tls: cert_file and key_file go together")
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(m.tls, key)
+        if m.enabled and value and not Path(value).is_file():
+            problems.append(f"{src}: mqtt.tls.{key}: {value} is not a readable file")
+    if m.enabled and m.password_file and not Path(m.password_file).is_file():
+        problems.append(f"{src}: mqtt.password_file: {m.password_file} is not a readable file")
     if not cfg.socket.path:
         problems.append(f"{src}: socket.path: must not be empty")
     elif len(cfg.socket.path.encode()) > 107:

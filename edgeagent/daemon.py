@@ -9,11 +9,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 from edgeagent import __version__, models
 from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
+from edgeagent.mqtt_link import MqttLink
 from edgeagent.socket_server import SocketError, SocketServer
 from edgeagent.systemd import Notifier, inherited_unix_socket
 
@@ -53,6 +55,18 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def describe(engine: Engine) -> dict[str, Any]:
+    """What this node runs, for the retained MQTT status."""
+    return {
+        "version": __version__,
+        "model": engine.model_name,
+        "model_sha256": engine.model_sha256,
+        "n_ctx": engine.cfg.model.n_ctx,
+        "threads": engine.n_threads,
+        "cores": sorted(os.sched_getaffinity(0)),
+    }
+
+
 def one_line_status(d: Dispatcher) -> str:
     s = d.status()
     tps = s["tokens_per_s_p50"]
@@ -65,9 +79,6 @@ def one_line_status(d: Dispatcher) -> str:
 
 async def serve(cfg: Config, started: float) -> int:
     notifier = Notifier()
-    if cfg.mqtt.enabled:
-        log.error("%s: mqtt.enabled: the MQTT front end is not in this build", cfg.source)
-        return EXIT_CONFIG
     try:
         model_file, model_name, sha = resolve_model(cfg)
     except models.ModelError as exc:
@@ -91,6 +102,12 @@ async def serve(cfg: Config, started: float) -> int:
         engine.stop()
         return EXIT_LISTEN
 
+    link: Optional[MqttLink] = None
+    if cfg.mqtt.enabled:
+        link = MqttLink(cfg, dispatcher, loop, lambda: describe(engine))
+        dispatcher.status_sections["mqtt"] = link.status
+        link.start()
+
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -113,9 +130,13 @@ async def serve(cfg: Config, started: float) -> int:
     notifier.stopping("draining")
     status_task.cancel()
     await server.stop_listening()
+    if link is not None:
+        link.stop_accepting()
     cancelled = await dispatcher.drain(DRAIN_TIMEOUT_S)
     await asyncio.sleep(0.05)  # let the last events reach the sockets
     server.close_connections()
+    if link is not None:
+        await link.stop()
     await loop.run_in_executor(None, engine.stop)
     log.info("stopped (%d request(s) cancelled by the shutdown)", cancelled)
     return 0

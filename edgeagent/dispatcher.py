@@ -11,7 +11,8 @@ import collections
 import logging
 import os
 import time
-from typing import Any, Optional, Protocol
+from collections.abc import Hashable
+from typing import Any, Callable, Optional, Protocol
 
 import psutil
 
@@ -29,10 +30,20 @@ class ReplySink(Protocol):
     """Where a request's events go. Implemented once per transport (socket, MQTT)."""
 
     @property
-    def peer(self) -> str: ...
+    def peer(self) -> str:
+        """Who is asking, for logs."""
 
     @property
-    def closed(self) -> bool: ...
+    def scope(self) -> Hashable:
+        """Request ids are unique within a scope: a socket connection, an MQTT reply topic."""
+
+    @property
+    def max_inflight(self) -> int:
+        """How many requests this scope may have in flight at once."""
+
+    @property
+    def closed(self) -> bool:
+        """The client is gone: its events are dropped."""
 
     def send(self, event: Event) -> None:
         """Queue an event for the client; called on the event loop, must not block."""
@@ -67,6 +78,21 @@ def percentile(values: collections.deque[float], pct: float) -> Optional[float]:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
+def cpu_temperature() -> Optional[float]:
+    """The hottest CPU sensor in degrees C, where the box exposes one (None elsewhere)."""
+    try:
+        sensors = psutil.sensors_temperatures()
+    except (AttributeError, OSError):
+        return None
+    readings = [
+        t.current
+        for name, entries in sensors.items()
+        if name in ("coretemp", "k10temp", "cpu_thermal", "cpu-thermal", "soc_thermal", "acpitz")
+        for t in entries
+    ]
+    return round(max(readings), 1) if readings else None
+
+
 class _Inflight:
     __slots__ = ("finished", "job", "sink", "timer")
 
@@ -81,11 +107,13 @@ class Dispatcher:
         self.cfg, self.engine, self.loop = cfg, engine, loop
         self.stats = Stats()
         self.accepting = True
-        self._inflight: dict[tuple[int, str], _Inflight] = {}
-        self._per_sink: collections.Counter[int] = collections.Counter()
+        self._inflight: dict[tuple[Hashable, str], _Inflight] = {}
+        self._per_scope: collections.Counter[Hashable] = collections.Counter()
         self._process = psutil.Process(os.getpid())
         self.idle = asyncio.Event()
         self.idle.set()
+        # Transports add their own section to status (e.g. "mqtt": connection state).
+        self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
 
     # --- entry points for transports (event loop only) ------------------------------------
 
@@ -93,6 +121,14 @@ class Dispatcher:
         """A raw line/payload from a transport: decode, validate, act; errors become events."""
         try:
             obj = protocol.decode(payload)
+        except ProtocolError as exc:
+            self._reply_error(sink, exc.request_id, exc.code, exc.message)
+            return
+        self.handle_decoded(obj, sink)
+
+    def handle_decoded(self, obj: Any, sink: ReplySink) -> None:
+        """An already decoded JSON value (MQTT strips its transport fields first)."""
+        try:
             self.handle(protocol.parse(obj, max_tokens_limit=self.cfg.model.max_tokens), sink)
         except ProtocolError as exc:
             self._reply_error(sink, exc.request_id, exc.code, exc.message)
@@ -112,7 +148,10 @@ class Dispatcher:
             self._stop(entry, protocol.CANCELLED)
 
     def inflight_for(self, sink: ReplySink) -> int:
-        return self._per_sink.get(id(sink), 0)
+        return self._per_scope.get(sink.scope, 0)
+
+    def is_inflight(self, sink: ReplySink, rid: str) -> bool:
+        return (sink.scope, rid) in self._inflight
 
     async def drain(self, timeout: float) -> int:
         """Refuse new work, let in-flight requests finish for up to `timeout` s, cancel the rest.
@@ -140,17 +179,18 @@ class Dispatcher:
             sink.send(event)
 
     def _submit(self, req: Request, sink: ReplySink) -> None:
-        key = (id(sink), req.id)
+        key = (sink.scope, req.id)
         if key in self._inflight:
             self._reply_error(sink, req.id, protocol.BAD_REQUEST, "this id is already in flight")
             return
         if not self.accepting:
             self._reply_error(sink, req.id, protocol.BUSY, "shutting down; try another node")
             return
-        if self._per_sink[id(sink)] >= self.cfg.socket.max_inflight_per_conn:
+        if self._per_scope[sink.scope] >= sink.max_inflight:
             self._reply_error(
-                sink, req.id, protocol.BUSY, "too many requests in flight on this connection"
-            )
+                sink, req.id, protocol.BUSY,
+                f"more than {sink.max_inflight} requests in flight from this client",
+            )  # fmt: skip
             return
         timeout_s = req.deadline_ms / 1000 if req.deadline_ms else self.cfg.engine.request_timeout_s
         deadline = time.monotonic() + timeout_s
@@ -173,7 +213,7 @@ class Dispatcher:
             self._reply_error(sink, req.id, protocol.BUSY, "shutting down; try another node")
             return
         self._inflight[key] = entry
-        self._per_sink[id(sink)] += 1
+        self._per_scope[sink.scope] += 1
         self.idle.clear()
         entry.timer = self.loop.call_later(timeout_s, self._stop, entry, protocol.TIMEOUT)
 
@@ -193,11 +233,11 @@ class Dispatcher:
             entry.finished = True
             if entry.timer:
                 entry.timer.cancel()
-            key = (id(entry.sink), entry.job.request.id)
-            self._inflight.pop(key, None)
-            self._per_sink[id(entry.sink)] -= 1
-            if self._per_sink[id(entry.sink)] <= 0:
-                del self._per_sink[id(entry.sink)]
+            scope = entry.sink.scope
+            self._inflight.pop((scope, entry.job.request.id), None)
+            self._per_scope[scope] -= 1
+            if self._per_scope[scope] <= 0:
+                del self._per_scope[scope]
             self.stats.record(event)
             if not self._inflight:
                 self.idle.set()
@@ -214,7 +254,7 @@ class Dispatcher:
             sink.send(self.status())
         elif op.op == "cancel":
             assert op.id is not None
-            entry = self._inflight.get((id(sink), op.id))
+            entry = self._inflight.get((sink.scope, op.id))
             sink.send({"event": "cancel", "id": op.id, "found": entry is not None})
             if entry is not None:
                 self._stop(entry, protocol.CANCELLED)
@@ -222,6 +262,22 @@ class Dispatcher:
             assert op.session is not None
             found = self.engine.sessions.drop(op.session)
             sink.send({"event": "reset", "session": op.session, "found": found})
+
+    def metrics(self) -> dict[str, Any]:
+        """Status plus the box's health, for the periodic MQTT metrics message."""
+        status = self.status()
+        status.pop("event")
+        load1, load5, load15 = os.getloadavg()
+        status.update(
+            {
+                "ts": round(time.time(), 3),
+                "cpu_percent": psutil.cpu_percent(interval=None),
+                "load_avg": [round(load1, 2), round(load5, 2), round(load15, 2)],
+                "cpu_temp_c": cpu_temperature(),
+                "mem_available_mb": round(psutil.virtual_memory().available / 1e6, 1),
+            }
+        )
+        return status
 
     def status(self) -> dict[str, Any]:
         eng, stats = self.engine, self.stats
@@ -251,4 +307,5 @@ class Dispatcher:
             "ttft_ms_p50": percentile(stats.ttft_ms, 50),
             "ttft_ms_p95": percentile(stats.ttft_ms, 95),
             "tokens_per_s_p50": percentile(stats.tokens_per_s, 50),
+            **{name: section() for name, section in self.status_sections.items()},
         }

@@ -451,6 +451,7 @@ class Engine:
                 "id": req.id,
                 "text": text,
                 "source": "local",
+                "node_id": self.cfg.node_id,
                 "finish_reason": finish,
                 "model": self.model_name,
                 **({"session": req.session} if req.session else {}),

@@ -85,7 +85,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _id_of(obj: dict[str, Any]) -> Optional[str]:
+def request_id_of(obj: dict[str, Any]) -> Optional[str]:
+    """The request's id if it is a valid one, for error events about an invalid request."""
     rid = obj.get("id")
     return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN else None
 
@@ -105,7 +106,7 @@ def parse(obj: Any, *, max_tokens_limit: int) -> Union[Request, Op]:
         raise ProtocolError(BAD_REQUEST, "a request must be a JSON object")
     if "op" in obj:
         return _parse_op(obj)
-    rid = _id_of(obj)
+    rid = request_id_of(obj)
     try:
         return _parse_request(obj, max_tokens_limit)
     except ProtocolError as exc:
@@ -116,11 +117,15 @@ def parse(obj: Any, *, max_tokens_limit: int) -> Union[Request, Op]:
 def _parse_op(obj: dict[str, Any]) -> Op:
     op = obj["op"]
     if not isinstance(op, str) or op not in OPS:
-        raise ProtocolError(BAD_REQUEST, f"unknown op {op!r}; known: {', '.join(OPS)}", _id_of(obj))
+        raise ProtocolError(
+            BAD_REQUEST, f"unknown op {op!r}; known: {', '.join(OPS)}", request_id_of(obj)
+        )
     unknown = set(obj) - OPS[op]
     if unknown:
         raise ProtocolError(
-            BAD_REQUEST, f"unknown field(s) for op {op}: {', '.join(sorted(unknown))}", _id_of(obj)
+            BAD_REQUEST,
+            f"unknown field(s) for op {op}: {', '.join(sorted(unknown))}",
+            request_id_of(obj),
         )
     if op == "cancel":
         return Op(op, id=_check_id(obj))

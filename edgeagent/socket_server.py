@@ -10,6 +10,7 @@ import select
 import socket
 import stat
 import struct
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Optional
 
@@ -43,14 +44,23 @@ def peer_credentials(sock: socket.socket) -> str:
 class ConnectionSink:
     """A ReplySink writing JSON lines to one connected terminal."""
 
-    def __init__(self, writer: asyncio.StreamWriter, peer: str) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, peer: str, max_inflight: int) -> None:
         self._writer = writer
         self._peer = peer
         self._closed = False
+        self._max_inflight = max_inflight
 
     @property
     def peer(self) -> str:
         return self._peer
+
+    @property
+    def scope(self) -> Hashable:
+        return id(self)
+
+    @property
+    def max_inflight(self) -> int:
+        return self._max_inflight
 
     @property
     def closed(self) -> bool:
@@ -134,7 +144,7 @@ class SocketServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         peer = peer_credentials(sock) if sock is not None else "peer=unknown"
-        sink = ConnectionSink(writer, peer)
+        sink = ConnectionSink(writer, peer, self.cfg.max_inflight_per_conn)
         self._connections.add(sink)
         log.info("terminal connected: %s", peer)
         limit = self.cfg.max_line_bytes

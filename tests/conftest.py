@@ -147,7 +147,7 @@ def connect(path: str, timeout: float = 60) -> Conn:
 
 
 BASE_CONFIG = """
-node_id = "test-node"
+node_id = "{node_id}"
 [model]
 n_ctx = {n_ctx}
 max_tokens = 256
@@ -165,9 +165,12 @@ def daemon_factory(
 ) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def make(n_ctx: int = 2048, queue_size: int = 8, extra: str = "") -> Daemon:
+    def make(
+        n_ctx: int = 2048, queue_size: int = 8, extra: str = "", node_id: str = "test-node"
+    ) -> Daemon:
         workdir = tmp_path_factory.mktemp("daemon")
-        d = Daemon(workdir, BASE_CONFIG.format(n_ctx=n_ctx, queue_size=queue_size) + extra)
+        text = BASE_CONFIG.format(n_ctx=n_ctx, queue_size=queue_size, node_id=node_id)
+        d = Daemon(workdir, text + extra)
         started.append(d)
         return d.start()
 

@@ -1,0 +1,400 @@
+"""The MQTT front end for line equipment: requests in, streamed events out, availability, metrics.
+
+paho's network thread only hands messages over to the event loop; everything else (parsing,
+dispatch, coalescing, publishing) runs on the loop. Requests are acknowledged to the broker
+(manual PUBACK) only once their final event has been accepted by the broker, so a request the
+daemon took but had not answered when the broker or the daemon went away is delivered again
+by the broker's persistent session, and duplicates of a request are answered once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import ssl
+import time
+import uuid
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgeagent import protocol
+from edgeagent.config import Config
+from edgeagent.dispatcher import FINAL_EVENTS, Dispatcher
+from edgeagent.engine import Event
+from edgeagent.topics import Topics, valid_reply_topic
+
+log = logging.getLogger("edgeagent.mqtt")
+
+RECENT_REQUESTS = 10_000  # remembered to answer a redelivered request once
+PASSWORD_CREDENTIAL = "mqtt-password"  # noqa: S105 (a file name, not a secret)
+
+
+def read_password(cfg: Config) -> Optional[str]:
+    """The broker password from `password_file` or systemd's credentials directory."""
+    path = cfg.mqtt.password_file
+    if not path and os.environ.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(os.environ["CREDENTIALS_DIRECTORY"]) / PASSWORD_CREDENTIAL
+        path = str(candidate) if candidate.is_file() else ""
+    if not path:
+        return None
+    return Path(path).read_text().rstrip("\r\n")
+
+
+class _Delivery:
+    """Where one inbound request came from and how to acknowledge it."""
+
+    __slots__ = ("acked", "final_sent", "generation", "mid", "qos")
+
+    def __init__(self, mid: int, qos: int, generation: int) -> None:
+        self.mid, self.qos, self.generation = mid, qos, generation
+        self.final_sent = False
+        self.acked = False
+
+
+class MqttReplySink:
+    """A ReplySink publishing one request's events to its reply topic, tokens coalesced."""
+
+    def __init__(
+        self,
+        link: MqttLink,
+        topic: str,
+        correlation: Optional[bytes],
+        delivery: Optional[_Delivery],
+    ) -> None:
+        self.link, self.topic, self.correlation, self.delivery = link, topic, correlation, delivery
+        self._pending: list[str] = []
+        self._pending_id: Optional[str] = None
+        self._flush_handle: Optional[asyncio.TimerHandle] = None
+
+    @property
+    def peer(self) -> str:
+        return f"mqtt:{self.topic}"
+
+    @property
+    def scope(self) -> Hashable:
+        return ("mqtt", self.topic)
+
+    @property
+    def max_inflight(self) -> int:
+        return self.link.cfg.mqtt.max_inflight_per_client
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def send(self, event: Event) -> None:
+        if event["event"] == "token":
+            self._pending.append(event["text"])
+            self._pending_id = event["id"]
+            m = self.link.cfg.mqtt
+            if len(self._pending) >= m.token_batch or m.token_interval_ms == 0:
+                self._flush()
+            elif self._flush_handle is None:
+                self._flush_handle = self.link.loop.call_later(m.token_interval_ms / 1000,
+                                                               self._flush)  # fmt: skip
+            return
+        self._flush()
+        final = event["event"] in FINAL_EVENTS
+        qos = 1 if final else self.link.cfg.mqtt.qos
+        mid = self.link.publish_reply(self.topic, event, self.correlation, qos)
+        if final and self.delivery is not None:
+            self.delivery.final_sent = True
+            self.link.ack_after(mid, self.delivery, self.topic)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        event = protocol.token_event(self._pending_id or "", text)
+        self.link.publish_reply(self.topic, event, self.correlation, self.link.cfg.mqtt.qos)
+
+
+class MqttLink:
+    def __init__(
+        self,
+        cfg: Config,
+        dispatcher: Dispatcher,
+        loop: asyncio.AbstractEventLoop,
+        describe: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.cfg, self.dispatcher, self.loop, self.describe = cfg, dispatcher, loop, describe
+        m = cfg.mqtt
+        self.topics = Topics(m.topic_prefix, cfg.node_id, m.shared_group)
+        self.v5 = m.protocol == "5"
+        self.client_id = m.client_id or f"edgeagent-{cfg.node_id}"
+        self.connected = asyncio.Event()
+        self._generation = 0  # connection count: a message id is only valid on its connection
+        self.accepting = True
+        self.refused_subscriptions: list[str] = []
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._recent: collections.OrderedDict[tuple[Any, ...], _Delivery] = (
+            collections.OrderedDict()
+        )
+        self._ack_on_puback: dict[int, _Delivery] = {}
+        self._final_topics: dict[int, str] = {}  # QoS 1 finals awaiting PUBACK, for logs
+        self._pending_subs: dict[int, list[str]] = {}
+        self._metrics_task: Optional[asyncio.Task[None]] = None
+        self._client = self._make_client()
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        m = self.cfg.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=None if self.v5 else False,
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        if log.isEnabledFor(logging.DEBUG):  # paho is chatty about every reconnect attempt
+            client.enable_logger(logging.getLogger("edgeagent.mqtt.paho"))
+        client.reconnect_delay_set(m.reconnect_min_s, m.reconnect_max_s)
+        client.max_queued_messages_set(100_000)
+        client.will_set(self.topics.status, self._offline_payload("connection lost"), 1, True)
+        if m.username:
+            client.username_pw_set(m.username, read_password(self.cfg))
+        if m.tls.enabled:
+            client.tls_set(
+                ca_certs=m.tls.ca_file or None,
+                certfile=m.tls.cert_file or None,
+                keyfile=m.tls.key_file or None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def start(self) -> None:
+        """Connect in the background: a broker that is down delays nothing, we keep trying."""
+        m = self.cfg.mqtt
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = m.session_expiry_s
+        self._client.connect_async(
+            m.host, m.port, m.keepalive,
+            clean_start=False if self.v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )  # fmt: skip
+        self._client.loop_start()
+        self._metrics_task = self.loop.create_task(self._publish_metrics())
+        log.info(
+            "MQTT %s connecting to %s:%d as %s; requests on %s",
+            "v5" if self.v5 else "v3.1.1", m.host, m.port, self.client_id,
+            " and ".join(self.topics.subscriptions()),
+        )  # fmt: skip
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Publish `offline` (retained), then disconnect cleanly (no Last Will)."""
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+        if self._client.is_connected():
+            info = self._client.publish(
+                self.topics.status, self._offline_payload("shutdown"), 1, True
+            )
+            await self.loop.run_in_executor(None, info.wait_for_publish, timeout)
+        self._client.disconnect()
+        await self.loop.run_in_executor(None, self._client.loop_stop)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected.is_set(),
+            "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
+            "client_id": self.client_id,
+            "subscriptions": self.topics.subscriptions(),
+            "refused_subscriptions": self.refused_subscriptions,
+            **dict(self.counters),
+        }
+
+    def stop_accepting(self) -> None:
+        """From now on leave new requests unacknowledged at the broker, for our next start."""
+        self.accepting = False
+
+    def _offline_payload(self, reason: str) -> str:
+        return json.dumps({"state": "offline", "node_id": self.cfg.node_id, "reason": reason})
+
+    def _online_payload(self) -> str:
+        return json.dumps(
+            {
+                "state": "online",
+                "node_id": self.cfg.node_id,
+                "since": round(time.time()),
+                "ask_topic": self.topics.ask,
+                **self.describe(),
+            }
+        )
+
+    # --- paho's network thread: hand over only --------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: ReasonCode,
+                    _p: Any) -> None:  # fmt: skip
+        self.loop.call_soon_threadsafe(self._connected, rc, bool(flags.session_present))
+
+    def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
+                       _p: Any) -> None:  # fmt: skip
+        self.loop.call_soon_threadsafe(self._disconnected, rc)
+
+    def _on_subscribe(self, client: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode],
+                      _p: Any) -> None:  # fmt: skip
+        self.loop.call_soon_threadsafe(self._subscribed, mid, codes)
+
+    def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, rc: ReasonCode,
+                    _p: Any) -> None:  # fmt: skip
+        self.loop.call_soon_threadsafe(self._published, mid, rc)
+
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        self.loop.call_soon_threadsafe(
+            self._inbound, msg.topic, bytes(msg.payload), response_topic, correlation,
+            msg.mid, msg.qos, bool(msg.dup),
+        )  # fmt: skip
+
+    # --- event loop -----------------------------------------------------------------------
+
+    def _connected(self, rc: ReasonCode, session_present: bool) -> None:
+        if rc.is_failure:
+            log.error("MQTT broker refused the connection: %s", rc.getName())
+            self.counters["connect_refused"] += 1
+            return
+        log.info("MQTT connected (session %s)", "resumed" if session_present else "new")
+        self._generation += 1
+        self.connected.set()
+        topics = self.topics.subscriptions()
+        result, mid = self._client.subscribe([(t, self.cfg.mqtt.qos) for t in topics])
+        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._pending_subs[mid] = topics
+        self._client.publish(self.topics.status, self._online_payload(), 1, True)
+
+    def _disconnected(self, rc: ReasonCode) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was:
+            self.counters["disconnects"] += 1
+            log.warning("MQTT connection lost (%s); reconnecting", rc.getName())
+
+    def _subscribed(self, mid: int, codes: list[ReasonCode]) -> None:
+        topics = self._pending_subs.pop(mid, [])
+        refused = [t for t, c in zip(topics, codes) if c.is_failure]
+        self.refused_subscriptions = refused
+        for topic, code in zip(topics, codes):
+            if code.is_failure:
+                log.error("MQTT broker refused the subscription to %s: %s", topic, code.getName())
+
+    def _published(self, mid: int, rc: ReasonCode) -> None:
+        topic = self._final_topics.pop(mid, None)
+        if rc.is_failure:
+            self.counters["publish_refused"] += 1
+            log.warning(
+                "MQTT broker refused our publish to %s: %s",
+                topic or f"(message {mid})", rc.getName(),
+            )  # fmt: skip
+        delivery = self._ack_on_puback.pop(mid, None)
+        if delivery is not None:
+            self._ack(delivery)
+
+    def ack_after(self, mid: int, delivery: _Delivery, topic: str) -> None:
+        """Acknowledge the request once the broker has taken its final event."""
+        self._ack_on_puback[mid] = delivery
+        self._final_topics[mid] = topic
+
+    def _ack(self, delivery: _Delivery) -> None:
+        # A delivery from an earlier connection is not acknowledged: its message id may
+        # name another message now. The broker delivers it again and we acknowledge that.
+        if delivery.qos > 0 and not delivery.acked and delivery.generation == self._generation:
+            delivery.acked = True
+            self._client.ack(delivery.mid, delivery.qos)
+
+    def publish_reply(self, topic: str, event: Event, correlation: Optional[bytes],
+                      qos: int) -> int:  # fmt: skip
+        props = None
+        if self.v5 and correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
+        info = self._client.publish(topic, protocol.encode(event)[:-1], qos, False, props)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("MQTT could not queue a reply to %s: %s", topic, mqtt.error_string(info.rc))
+        return info.mid
+
+    def _inbound(self, topic: str, payload: bytes, response_topic: Optional[str],
+                 correlation: Optional[bytes], mid: int, qos: int, dup: bool) -> None:  # fmt: skip
+        self.counters["received"] += 1
+        delivery = _Delivery(mid, qos, self._generation)
+        if not self.accepting:
+            return  # unacknowledged: the broker keeps it for our next start
+        reply_topic = response_topic if valid_reply_topic(response_topic) else None
+
+        def reject(rid: Optional[str], message: str) -> None:
+            if reply_topic is None:
+                log.warning("dropping a request on %s with no way to reply: %s", topic, message)
+                self.counters["dropped"] += 1
+                self._ack(delivery)
+                return
+            sink = MqttReplySink(self, reply_topic, correlation, delivery)
+            self.dispatcher.stats.errors[protocol.BAD_REQUEST] += 1
+            sink.send(protocol.error_event(rid, protocol.BAD_REQUEST, message))
+
+        if len(payload) > self.cfg.mqtt.max_payload_bytes:
+            limit = self.cfg.mqtt.max_payload_bytes
+            reject(None, f"payload of {len(payload)} bytes is over the {limit}-byte limit")
+            return
+        try:
+            obj = protocol.decode(payload)
+        except protocol.ProtocolError as exc:
+            reject(None, exc.message)
+            return
+        if isinstance(obj, dict) and "reply_to" in obj:
+            reply_to = obj.pop("reply_to")
+            if not valid_reply_topic(reply_to):
+                reject(protocol.request_id_of(obj), "`reply_to` must be a topic without wildcards")
+                return
+            reply_topic = reply_topic or reply_to
+        if reply_topic is None:
+            reject(None, "no Response Topic property and no `reply_to` field")
+            return
+        if isinstance(obj, dict) and "op" not in obj and "id" not in obj:
+            # MQTT v5 clients correlate by Correlation Data; the protocol still wants an id.
+            obj["id"] = correlation.hex()[:64] if correlation else uuid.uuid4().hex
+        key = (reply_topic, correlation, obj.get("id") if isinstance(obj, dict) else None)
+        known = self._recent.get(key)
+        if dup and known is not None:
+            # The broker delivered this request again (we had not acknowledged it yet).
+            self.counters["duplicates"] += 1
+            known.mid, known.qos, known.generation, known.acked = mid, qos, self._generation, False
+            if known.final_sent:
+                self._ack(known)
+            log.info("request %s to %s delivered again; answering it once", key[2], reply_topic)
+            return
+        self._recent[key] = delivery
+        while len(self._recent) > RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+        sink = MqttReplySink(self, reply_topic, correlation, delivery)
+        self.dispatcher.handle_decoded(obj, sink)
+        if isinstance(obj, dict) and "op" in obj:
+            self._ack(delivery)  # control ops are answered at once
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.mqtt.metrics_interval_s)
+            if self.connected.is_set():
+                payload = json.dumps(self.dispatcher.metrics())
+                self._client.publish(self.topics.metrics, payload, 0, False)
