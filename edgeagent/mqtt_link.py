@@ -75,6 +75,7 @@ class MqttReplySink:
         self._pending: list[str] = []
         self._pending_id: Optional[str] = None
         self._flush_handle: Optional[asyncio.TimerHandle] = None
+        self._last_flush = 0.0
 
     @property
     def peer(self) -> str:
@@ -94,14 +95,19 @@ class MqttReplySink:
 
     def send(self, event: Event) -> None:
         if event["event"] == "token":
+            # Leading-edge throttle: the first token goes out at once (time to first token
+            # matters most), later ones at most every token_interval_ms or token_batch tokens.
             self._pending.append(event["text"])
             self._pending_id = event["id"]
             m = self.link.cfg.mqtt
-            if len(self._pending) >= m.token_batch or m.token_interval_ms == 0:
+            interval = m.token_interval_ms / 1000
+            now = time.monotonic()
+            if len(self._pending) >= m.token_batch or now - self._last_flush >= interval:
                 self._flush()
             elif self._flush_handle is None:
-                self._flush_handle = self.link.loop.call_later(m.token_interval_ms / 1000,
-                                                               self._flush)  # fmt: skip
+                self._flush_handle = self.link.loop.call_later(
+                    self._last_flush + interval - now, self._flush
+                )
             return
         self._flush()
         final = event["event"] in FINAL_EVENTS
@@ -117,6 +123,7 @@ class MqttReplySink:
             self._flush_handle = None
         if not self._pending:
             return
+        self._last_flush = time.monotonic()
         text = "".join(self._pending)
         self._pending.clear()
         event = protocol.token_event(self._pending_id or "", text)

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import getpass
 import json
 import os
 import platform
+import queue
+import shutil
 import socket
 import statistics
 import subprocess
@@ -49,18 +52,21 @@ MARK_END = "<!-- bench:end -->"
 
 
 def measure_stream(chunks: Any, is_token: Any) -> tuple[float, float, int]:
-    """(ttft_s, tokens_per_s, n_tokens) of a stream; timing starts when called."""
+    """(ttft_s, tokens_per_s, n_tokens) of a stream; timing starts when called.
+
+    tokens/s is (n - 1) / (end of stream - first token): the same definition on every side,
+    so a final end-of-generation step counts alike whether or not a side shows it as a token.
+    """
     t0 = time.perf_counter()
-    first = last = None
+    first = None
     n = 0
     for chunk in chunks:
         if is_token(chunk):
-            now = time.perf_counter()
-            first = first or now
-            last = now
+            first = first or time.perf_counter()
             n += 1
-    assert first is not None and last is not None, "no token arrived"
-    tps = (n - 1) / (last - first) if n > 1 and last > first else float("nan")
+    end = time.perf_counter()
+    assert first is not None, "no token arrived"
+    tps = (n - 1) / (end - first) if n > 1 else float("nan")
     return first - t0, tps, n
 
 
@@ -89,6 +95,73 @@ class SocketClient:
                 return
 
 
+class MqttClient:
+    """A paho v5 requester: Response Topic + Correlation Data, one reply topic."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.events: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
+        self.reply_topic = "bench/replies"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench",
+                                  protocol=mqtt.MQTTv5)  # fmt: skip
+        self.client.on_message = lambda _c, _u, m: self.events.put(
+            (time.perf_counter(), json.loads(m.payload))
+        )
+        self.client.connect("127.0.0.1", port, 30)
+        self.client.loop_start()
+        self.client.subscribe(self.reply_topic, 1)
+        time.sleep(0.5)
+
+    def run(self, rid: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = rid.encode()
+        req = {"id": rid, "messages": [{"role": "user", "content": prompt}],
+               "max_tokens": max_tokens, "temperature": 0.0}  # fmt: skip
+        t0 = time.perf_counter()
+        self.client.publish("edgeagent/bench/ask", json.dumps(req), 1, False, props)
+        first = None
+        while True:
+            at, event = self.events.get(timeout=120)
+            if event.get("id") != rid:
+                continue
+            if event["event"] == "token" and first is None:
+                first = at
+            if event["event"] == "error":
+                raise RuntimeError(event)
+            if event["event"] == "done":
+                n = event["usage"]["completion_tokens"]
+                assert first is not None
+                return first - t0, (n - 1) / (at - first), n
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    f"user {getpass.getuser()}\n")  # fmt: skip
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("mosquitto did not start")
+
+
 def daemon_run(
     client: SocketClient, rid: str, prompt: str, max_tokens: int
 ) -> tuple[float, float, int]:
@@ -98,13 +171,19 @@ def daemon_run(
 
 
 def start_daemon(
-    model_file: Path, workdir: Path, n_ctx: int, threads: int
+    model_file: Path, workdir: Path, n_ctx: int, threads: int, mqtt_port: int
 ) -> tuple[subprocess.Popen[bytes], float, str]:
     sock = str(workdir / "bench.sock")
     cfg = workdir / "bench.toml"
+    mqtt = (
+        f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {mqtt_port}\nsession_expiry_s = 0\n'
+        if mqtt_port
+        else ""
+    )
     cfg.write_text(
-        f'[model]\npath = "{model_file}"\nn_ctx = {n_ctx}\nthreads = {threads}\n'
-        f'max_tokens = 1024\n[socket]\npath = "{sock}"\n[log]\nlevel = "warning"\n'
+        f'node_id = "bench"\n[model]\npath = "{model_file}"\nn_ctx = {n_ctx}\n'
+        f'threads = {threads}\nmax_tokens = 1024\n[socket]\npath = "{sock}"\n'
+        f'[log]\nlevel = "warning"\n{mqtt}'
     )
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -158,31 +237,57 @@ def main() -> int:
     raw_load = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory(prefix="edgeagent-bench-") as tmp:
-        proc, ready_s, sock = start_daemon(model_file, Path(tmp), args.n_ctx, args.threads)
+        broker, port = (None, 0)
+        if shutil.which("mosquitto"):
+            broker, port = start_broker(Path(tmp))
+        else:
+            print("mosquitto not installed: skipping the MQTT path")
+        proc, ready_s, sock = start_daemon(model_file, Path(tmp), args.n_ctx, args.threads, port)
+        mq = None
         try:
             client = SocketClient(sock)
-            raw_run(llm, "Hello", 4)  # warm-up, both sides
+            sides = ["raw", "socket"]
+            raw_run(llm, "Hello", 4)  # warm-up, every side
             list(client.request({"id": "warm", "prompt": "Hello", "max_tokens": 4}))
+            if port:
+                mq = MqttClient(port)
+                mq.run("warm", "Hello", 4)
+                sides.append("mqtt")
             results: dict[str, dict[str, list[float]]] = {
-                side: {"ttft": [], "tps": []} for side in ("raw", "socket")
+                side: {"ttft": [], "tps": []} for side in sides
             }
             n = 0
             for rnd in range(args.rounds):
                 for i, prompt in enumerate(PROMPTS):
-                    order = ("raw", "socket") if (rnd + i) % 2 == 0 else ("socket", "raw")
-                    for side in order:
+                    shift = (rnd + i) % len(sides)
+                    for side in sides[shift:] + sides[:shift]:
+                        n += 1
+                        # Same KV-cache state on every side: the previous request each side saw
+                        # is this short one, so only the chat template's preamble is reused.
+                        if side == "raw":
+                            raw_run(llm, "Hello", 1)
+                        else:
+                            list(client.request({"id": f"c{n}", "prompt": "Hello",
+                                                 "max_tokens": 1}))  # fmt: skip
                         if side == "raw":
                             ttft, tps, _ = raw_run(llm, prompt, args.max_tokens)
-                        else:
-                            n += 1
+                        elif side == "socket":
                             ttft, tps, _ = daemon_run(client, f"b{n}", prompt, args.max_tokens)
+                        else:
+                            assert mq is not None
+                            ttft, tps, _ = mq.run(f"m{n}", prompt, args.max_tokens)
                         results[side]["ttft"].append(ttft * 1000)
                         results[side]["tps"].append(tps)
             daemon_rss = psutil.Process(proc.pid).memory_info().rss
             raw_rss = psutil.Process().memory_info().rss
         finally:
+            if mq is not None:
+                mq.close()
             proc.terminate()
             proc.wait(30)
+            if broker is not None:
+                broker.terminate()
+                broker.wait(10)
     del llm
     gc.collect()
 
@@ -196,6 +301,7 @@ def main() -> int:
         ("socket tokens/s p50 at least 97% of raw",
          sock_s["p50"] >= 0.97 * raw_s["p50"],
          f"{sock_s['p50']:.1f} vs {raw_s['p50']:.1f} ({100 * sock_s['p50'] / raw_s['p50']:.1f}%)"),
+        *mqtt_checks(results, raw_t, raw_s),
         ("daemon RSS under 750 MB", daemon_rss < 750e6, f"{daemon_rss / 1e6:.0f} MB"),
         ("start to ready under 2 s (model cached)", ready_s < 2.0, f"{ready_s:.2f} s"),
     ]  # fmt: skip
@@ -219,6 +325,7 @@ def main() -> int:
         f"{raw_s['p50']:.1f} | {raw_s['mean']:.1f} |",
         f"| edgeagent over the Unix socket | {sock_t['p50']:.1f} | {sock_t['p90']:.1f} | "
         f"{sock_s['p50']:.1f} | {sock_s['mean']:.1f} |",
+        *mqtt_rows(results),
         "",
         f"Raw llama-cpp-python: load {raw_load:.2f} s; RSS of the benchmark process after the "
         f"runs {raw_rss / 1e6:.0f} MB (the daemon's, measured at the same point, is in the "
@@ -235,6 +342,31 @@ def main() -> int:
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 
+def mqtt_rows(results: dict[str, dict[str, list[float]]]) -> list[str]:
+    if "mqtt" not in results:
+        return []
+    t, r = summarize(results["mqtt"]["ttft"]), summarize(results["mqtt"]["tps"])
+    return [
+        f"| edgeagent over MQTT v5 (loopback mosquitto) | {t['p50']:.1f} | {t['p90']:.1f} | "
+        f"{r['p50']:.1f} | {r['mean']:.1f} |"
+    ]
+
+
+def mqtt_checks(
+    results: dict[str, dict[str, list[float]]], raw_t: dict[str, float], raw_s: dict[str, float]
+) -> list[tuple[str, bool, str]]:
+    if "mqtt" not in results:
+        return []
+    t, r = summarize(results["mqtt"]["ttft"]), summarize(results["mqtt"]["tps"])
+    delta = t["p50"] - raw_t["p50"]
+    return [
+        ("MQTT TTFT p50 within 10 ms of raw", delta <= 10.0,
+         f"{t['p50']:.1f} ms vs {raw_t['p50']:.1f} ms ({delta:+.1f} ms)"),
+        ("MQTT tokens/s p50 at least 97% of raw", r["p50"] >= 0.97 * raw_s["p50"],
+         f"{r['p50']:.1f} vs {raw_s['p50']:.1f} ({100 * r['p50'] / raw_s['p50']:.1f}%)"),
+    ]  # fmt: skip
+
+
 def write_docs(report: str, results: dict[str, dict[str, list[float]]]) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{MARK_BEGIN}\n{MARK_END}\n"
@@ -249,11 +381,12 @@ def write_docs(report: str, results: dict[str, dict[str, list[float]]]) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    labels = ["raw llama-cpp-python", "edgeagent socket"]
-    ax1.boxplot([results["raw"]["ttft"], results["socket"]["ttft"]], tick_labels=labels)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = {"raw": "raw llama-cpp-python", "socket": "edgeagent socket", "mqtt": "edgeagent MQTT"}
+    labels = [names[side] for side in results]
+    ax1.boxplot([v["ttft"] for v in results.values()], tick_labels=labels)
     ax1.set_title("time to first token (ms)")
-    ax2.boxplot([results["raw"]["tps"], results["socket"]["tps"]], tick_labels=labels)
+    ax2.boxplot([v["tps"] for v in results.values()], tick_labels=labels)
     ax2.set_title("decode tokens/s")
     for ax in (ax1, ax2):
         ax.grid(axis="y", alpha=0.3)
