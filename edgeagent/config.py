@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from edgeagent._toml import tomllib
 
@@ -35,7 +35,6 @@ class ModelConfig:
     sha256: str = _f("", doc="expected sha256 of `path` (64 hex digits); empty: not checked")
     n_ctx: int = _f(4096, lo=256, hi=131072)
     max_tokens: int = _f(512, lo=1, hi=131072)
-    threads: int = _f(0, lo=0, hi=256, doc="inference threads; 0 picks one per usable core")
     n_batch: int = _f(512, lo=8, hi=8192)
     temperature: float = _f(0.2, lo=0.0, hi=2.0)
     system_prompt: str = _f("", doc="system message for requests that bring none")
@@ -49,6 +48,27 @@ class EngineConfig:
     session_max_turns: int = _f(32, lo=1, hi=10000)
     session_idle_s: float = _f(3600.0, lo=1.0, hi=30 * 86400.0)
     session_cache_mb: int = _f(256, lo=0, hi=65536, doc="RAM for saved session KV states")
+    stall_timeout_s: float = _f(
+        60.0, lo=0.05, hi=3600.0,
+        doc="a request making no progress this long counts as a hang: the watchdog stops",
+    )  # fmt: skip
+    drain_timeout_s: float = _f(10.0, lo=0.0, hi=3600.0, doc="on SIGTERM, time to finish")
+
+
+Cores = Union[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    cores: Cores = field(
+        default="auto",
+        metadata={"kind": "cores", "doc": '"auto", a list like [2, 3] or a cpulist like "2-3"'},
+    )
+    io_cores: Cores = field(
+        default="auto", metadata={"kind": "cores", "doc": "cores for socket and MQTT threads"}
+    )
+    threads: int = _f(0, lo=0, hi=256, doc="inference threads; 0: one per inference core")
+    sysfs_root: str = _f("/sys", doc="where to read CPU frequencies (tests point it elsewhere)")
 
 
 @dataclass(frozen=True)
@@ -112,6 +132,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     socket: SocketConfig = field(default_factory=SocketConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
@@ -130,7 +151,32 @@ def _type_name(tp: Any) -> str:
     )
 
 
+def _check_cores(value: Any) -> tuple[Any, Optional[str]]:
+    expected = 'expected "auto", a list of core numbers or a cpulist like "0-3,6"'
+    if value == "auto":
+        return value, None
+    if isinstance(value, str):
+        if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value):
+            return value, f"{expected}, got {value!r}"
+        value = [int(c) for c in _expand_cpulist(value)]
+    if not isinstance(value, list) or not value:
+        return value, f"{expected}, got {value!r}"
+    if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 4096 for c in value):
+        return value, f"{expected}, got {value!r}"
+    return tuple(sorted(set(value))), None
+
+
+def _expand_cpulist(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def _check_value(key: str, value: Any, tp: Any, meta: Any) -> tuple[Any, Optional[str]]:
+    if meta.get("kind") == "cores":
+        return _check_cores(value)
     if key.endswith(".mode") and isinstance(value, str):
         if not re.fullmatch(r"0?o?[0-7]{3,4}", value):
             return value, f'expected an octal file mode like "0660", got {value!r}'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -11,13 +12,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from edgeagent import __version__, models
+from edgeagent import __version__, config, cpu, models
 from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
 from edgeagent.mqtt_link import MqttLink
 from edgeagent.socket_server import SocketError, SocketServer
-from edgeagent.systemd import Notifier, inherited_unix_socket
+from edgeagent.systemd import Notifier, inherited_unix_socket, watchdog_interval
 
 log = logging.getLogger("edgeagent")
 
@@ -25,15 +26,35 @@ EXIT_CONFIG = 2
 EXIT_MODEL = 3
 EXIT_LISTEN = 4
 STATUS_INTERVAL_S = 5.0
-DRAIN_TIMEOUT_S = 10.0
+
+# Keys SIGHUP may change in a running daemon; anything else needs a restart.
+RELOADABLE = {
+    "log.level",
+    "model.max_tokens", "model.temperature", "model.system_prompt",
+    "engine.queue_size", "engine.request_timeout_s", "engine.stall_timeout_s",
+    "engine.drain_timeout_s",
+    "socket.max_line_bytes", "socket.max_inflight_per_conn",
+    "mqtt.token_interval_ms", "mqtt.token_batch", "mqtt.metrics_interval_s",
+    "mqtt.max_payload_bytes", "mqtt.max_inflight_per_client",
+}  # fmt: skip
+SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """`<priority>level logger: message`: journald reads the priority, adds the time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record).replace("\n", " | ")
+        return f"<{SYSLOG_PRIORITY.get(record.levelname, 6)}>{line}"
 
 
 def setup_logging(level: str) -> None:
-    # Under journald (JOURNAL_STREAM set) the journal adds its own timestamps.
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(stream=sys.stderr, level=level.upper(), format=fmt, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def resolve_model(cfg: Config) -> tuple[Path, str, str]:
@@ -48,52 +69,110 @@ def resolve_model(cfg: Config) -> tuple[Path, str, str]:
     return path, spec.name, models.verify(path, spec.size, spec.sha256)
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
 def describe(engine: Engine) -> dict[str, Any]:
     """What this node runs, for the retained MQTT status."""
+    placement = engine.placement
     return {
         "version": __version__,
         "model": engine.model_name,
         "model_sha256": engine.model_sha256,
         "n_ctx": engine.cfg.model.n_ctx,
         "threads": engine.n_threads,
-        "cores": sorted(os.sched_getaffinity(0)),
+        "cores": list(placement.inference) if placement else [],
+        "io_cores": list(placement.io) if placement else [],
     }
 
 
-def one_line_status(d: Dispatcher) -> str:
+def cpu_status(engine: Engine) -> dict[str, Any]:
+    """The chosen placement and every thread's real affinity, read back from /proc."""
+    p = engine.placement
+    if p is None:
+        return {}
+    return {
+        "inference_cores": cpu.format_cpulist(p.inference),
+        "io_cores": cpu.format_cpulist(p.io),
+        "threads": p.threads,
+        "reason": p.reason,
+        "thread_affinity": [
+            {"tid": tid, "name": name, "cores": cpu.format_cpulist(cores)}
+            for tid, name, cores in cpu.thread_affinities()
+        ],
+    }
+
+
+def one_line_status(d: Dispatcher, link: Optional[MqttLink]) -> str:
     s = d.status()
     tps = s["tokens_per_s_p50"]
+    mqtt = ""
+    if link is not None:
+        mqtt = ", MQTT " + ("up" if link.connected.is_set() else "down")
     return (
         f"{s['state']}: queue {s['queue_depth']}/{s['queue_size']}, in flight {s['in_flight']}, "
         f"served {s['requests_served']}, "
-        f"{'-' if tps is None else f'{tps:.0f}'} tok/s, RSS {s['rss_mb']:.0f} MB"
+        f"{'-' if tps is None else f'{tps:.0f}'} tok/s{mqtt}, RSS {s['rss_mb']:.0f} MB"
     )
+
+
+def reload_config(current: Config, path: Optional[str]) -> tuple[Config, list[str]]:
+    """The config with SIGHUP-safe changes from `path` applied, and the keys left for a restart.
+
+    Raises ConfigError when the file is invalid (the running config then stays as it is).
+    """
+    new = config.load(path)
+    sections: dict[str, Any] = {}
+    restart: list[str] = []
+    for section in dataclasses.fields(Config):
+        old_sec: Any = getattr(current, section.name)
+        new_sec: Any = getattr(new, section.name)
+        if not dataclasses.is_dataclass(old_sec) or isinstance(old_sec, type):
+            if old_sec != new_sec and section.name != "source":
+                restart.append(section.name)
+            continue
+        changes = {}
+        for f in dataclasses.fields(old_sec):
+            key = f"{section.name}.{f.name}"
+            before, after = getattr(old_sec, f.name), getattr(new_sec, f.name)
+            if before == after:
+                continue
+            if key in RELOADABLE:
+                changes[f.name] = after
+            else:
+                restart.append(key)
+        if changes:
+            sections[section.name] = dataclasses.replace(old_sec, **changes)
+    merged: Config = dataclasses.replace(current, **sections)
+    return merged, restart
 
 
 async def serve(cfg: Config, started: float) -> int:
     notifier = Notifier()
     try:
+        placement = cpu.pick_placement(
+            cfg.cpu.cores, cfg.cpu.io_cores, cfg.cpu.threads, cpu.allowed_cores(),
+            Path(cfg.cpu.sysfs_root),
+        )  # fmt: skip
+    except cpu.PlacementError as exc:
+        log.error("%s: %s", cfg.source, exc)
+        return EXIT_CONFIG
+    # The main thread runs the event loop (socket, MQTT hand-offs); threads started from here
+    # (paho's, the executor's) inherit the I/O cores. The inference thread pins itself.
+    cpu.pin_current_thread(placement.io, "edgeagent")
+    log.info("CPU placement: %s", placement.describe())
+    try:
         model_file, model_name, sha = resolve_model(cfg)
     except models.ModelError as exc:
         log.error("%s", exc)
         return EXIT_MODEL
-    threads = cfg.model.threads or usable_cores()
     engine = Engine(cfg, model_file, model_name, sha)
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.get_running_loop().run_in_executor(None, engine.start, threads)
+        await loop.run_in_executor(None, engine.start, placement)
     except Exception as exc:
         log.error("cannot load model %s: %s", model_file, exc)
         return EXIT_MODEL
 
-    loop = asyncio.get_running_loop()
     dispatcher = Dispatcher(cfg, engine, loop)
+    dispatcher.status_sections["cpu"] = lambda: cpu_status(engine)
     server = SocketServer(cfg.socket, dispatcher)
     try:
         await server.start(inherited_unix_socket())
@@ -111,32 +190,82 @@ async def serve(cfg: Config, started: float) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def apply(new: Config) -> None:
+        nonlocal cfg
+        cfg = new
+        engine.cfg = dispatcher.cfg = new
+        server.cfg = new.socket
+        if link is not None:
+            link.cfg = new
+        logging.getLogger().setLevel(new.log.level.upper())
+
+    def on_hup() -> None:
+        notifier.reloading()
+        try:
+            new, restart = reload_config(cfg, None if cfg.source.startswith("<") else cfg.source)
+        except config.ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            notifier.ready(one_line_status(dispatcher, link))
+            return
+        apply(new)
+        log.info("config reloaded from %s", cfg.source)
+        for key in restart:
+            log.warning("reload: %s changed; it takes effect after a restart", key)
+        notifier.ready(one_line_status(dispatcher, link))
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     ready_s = time.monotonic() - started
     log.info(
-        "edgeagent %s ready in %.2f s: node %s, model %s, %d threads",
-        __version__, ready_s, cfg.node_id, model_name, threads,
+        "edgeagent %s ready in %.2f s: node %s, model %s",
+        __version__, ready_s, cfg.node_id, model_name,
     )  # fmt: skip
-    notifier.ready(one_line_status(dispatcher))
+    notifier.ready(one_line_status(dispatcher, link))
 
     async def refresh_status() -> None:
         while True:
             await asyncio.sleep(STATUS_INTERVAL_S)
-            notifier.status(one_line_status(dispatcher))
+            notifier.status(one_line_status(dispatcher, link))
 
-    status_task = asyncio.create_task(refresh_status())
+    async def feed_watchdog(interval: float) -> None:
+        # Liveness means progress: a request stuck past stall_timeout_s stops the pings, and
+        # systemd restarts the service. An idle engine is healthy.
+        stalled = False
+        while True:
+            stuck = engine.stalled_for()
+            if stuck <= cfg.engine.stall_timeout_s:
+                notifier.watchdog()
+                if stalled:
+                    log.warning("engine moving again; feeding the watchdog")
+                stalled = False
+            elif not stalled:
+                stalled = True
+                log.error(
+                    "engine made no progress for %.1f s: no longer feeding the watchdog", stuck
+                )
+            await asyncio.sleep(interval)
+
+    tasks = [asyncio.create_task(refresh_status())]
+    interval = watchdog_interval()
+    if interval:
+        tasks.append(asyncio.create_task(feed_watchdog(interval)))
     await stop.wait()
 
-    log.info("stopping: finishing in-flight requests (up to %.0f s)", DRAIN_TIMEOUT_S)
+    drain_s = cfg.engine.drain_timeout_s
+    log.info("stopping: finishing in-flight requests (up to %.0f s)", drain_s)
     notifier.stopping("draining")
-    status_task.cancel()
+    tasks[0].cancel()
     await server.stop_listening()
     if link is not None:
         link.stop_accepting()
-    cancelled = await dispatcher.drain(DRAIN_TIMEOUT_S)
+    cancelled = await dispatcher.drain(drain_s)
     await asyncio.sleep(0.05)  # let the last events reach the sockets
     server.close_connections()
     if link is not None:
         await link.stop()
+    for task in tasks:
+        task.cancel()
     await loop.run_in_executor(None, engine.stop)
     log.info("stopped (%d request(s) cancelled by the shutdown)", cancelled)
     return 0

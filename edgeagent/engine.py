@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 from edgeagent import protocol
 from edgeagent.config import Config
+from edgeagent.cpu import Placement, pin_current_thread
 from edgeagent.protocol import Request
 
 log = logging.getLogger("edgeagent.engine")
@@ -192,6 +193,7 @@ class Engine:
         self.cfg = cfg
         self.model_file, self.model_name, self.model_sha256 = model_file, model_name, model_sha256
         self.n_threads = 0
+        self.placement: Optional[Placement] = None
         self.load_s = 0.0
         self.sessions = SessionStore(
             max_sessions=cfg.engine.max_sessions,
@@ -212,9 +214,10 @@ class Engine:
 
     # --- control, any thread --------------------------------------------------------------
 
-    def start(self, threads: int) -> None:
+    def start(self, placement: Placement) -> None:
         """Load the model on the inference thread; return once it is ready or raise."""
-        self.n_threads = threads
+        self.placement = placement
+        self.n_threads = placement.threads
         self._thread = threading.Thread(target=self._main, name="inference", daemon=True)
         self._thread.start()
         self._loaded.wait()
@@ -260,10 +263,19 @@ class Engine:
     def busy(self) -> bool:
         return self._running is not None
 
+    def stalled_for(self) -> float:
+        """Seconds the running request has made no progress (0 when idle)."""
+        if self._running is None:
+            return 0.0
+        return max(0.0, time.monotonic() - self.last_progress)
+
     # --- inference thread -----------------------------------------------------------------
 
     def _main(self) -> None:
         try:
+            if self.placement is not None:
+                # Before the model exists: llama.cpp's worker threads inherit this affinity.
+                pin_current_thread(self.placement.inference, "ea-inference")
             self._load()
         except BaseException as exc:
             self._load_error = exc
@@ -277,6 +289,7 @@ class Engine:
                 if self._stopping:
                     return
                 job = self._queue.popleft()
+                self.last_progress = time.monotonic()
                 self._running = job
             try:
                 self._run(job)
@@ -311,6 +324,11 @@ class Engine:
             eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
             bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
         )
+        # One decode now starts llama.cpp's worker threads (pinned like this one) and pages
+        # the weights in, so the first request is as fast as the next ones.
+        llm.eval([bos if bos != -1 else eos])
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
         self.load_s = time.monotonic() - t0
         log.info(
             "model %s loaded in %.2f s (n_ctx %d, %d threads)",

@@ -34,6 +34,24 @@ class Notifier:
     def stopping(self, status: str) -> None:
         self.notify("STOPPING=1", f"STATUS={status}")
 
+    def reloading(self) -> None:
+        self.notify("RELOADING=1")
+
+    def watchdog(self) -> None:
+        self.notify("WATCHDOG=1")
+
+
+def watchdog_interval() -> Optional[float]:
+    """Half of systemd's WatchdogSec= (from WATCHDOG_USEC), or None when no watchdog is set."""
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+    except ValueError:
+        return None
+    return usec / 2e6 if usec > 0 else None
+
 
 def inherited_unix_socket() -> Optional[socket.socket]:
     """The listening Unix socket systemd passed us (LISTEN_FDS/LISTEN_PID), if any."""

@@ -182,7 +182,7 @@ def start_daemon(
     )
     cfg.write_text(
         f'node_id = "bench"\n[model]\npath = "{model_file}"\nn_ctx = {n_ctx}\n'
-        f'threads = {threads}\nmax_tokens = 1024\n[socket]\npath = "{sock}"\n'
+        f'max_tokens = 1024\n[cpu]\nthreads = {threads}\n[socket]\npath = "{sock}"\n'
         f'[log]\nlevel = "warning"\n{mqtt}'
     )
     t0 = time.perf_counter()

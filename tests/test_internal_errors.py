@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from edgeagent import config
+from edgeagent.cpu import Placement
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine, Job
 from edgeagent.socket_server import SocketServer
@@ -35,7 +36,7 @@ def test_engine_exception_becomes_internal_error_and_service_continues(tmp_path:
     async def scenario() -> list[dict[str, object]]:
         loop = asyncio.get_running_loop()
         engine = ExplodingEngine(cfg, Path("/nonexistent"), "fake", "0")
-        engine.start(1)
+        engine.start(Placement((0,), (0,), 1, "test"))
         dispatcher = Dispatcher(cfg, engine, loop)
         server = SocketServer(cfg.socket, dispatcher)
         await server.start()
