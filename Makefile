@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: run test lint typecheck unit model mosquitto venv bench clean help
+.PHONY: run test lint typecheck model system-deps venv bench install clean help
 
 help:
 	@echo "make run    - set up everything, then run the daemon in the foreground"
@@ -27,12 +27,17 @@ $(STAMP): pyproject.toml scripts/build-llama.sh
 	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
 	@touch $@
 
-mosquitto:
-	@if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_rr >/dev/null 2>&1; then \
-		echo "installing mosquitto and mosquitto-clients"; \
+# What the test suite runs besides Python: brokers and MQTT clients, systemd's tools.
+system-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
+	command -v mosquitto_rr >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			mosquitto mosquitto-clients; \
+			$$missing; \
 	fi
 
 model: $(STAMP)
@@ -48,11 +53,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) model mosquitto lint typecheck
+test: $(STAMP) model system-deps lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) model
 	$(BIN)/python scripts/bench.py
+
+install:
+	$(SUDO) scripts/install.sh
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache

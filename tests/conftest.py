@@ -154,9 +154,18 @@ max_tokens = 256
 temperature = 0.0
 [engine]
 queue_size = {queue_size}
+{engine_extra}
 [socket]
 path = "@SOCKET@"
 """
+
+
+def config_text(
+    n_ctx: int = 2048, queue_size: int = 8, node_id: str = "test-node", engine_extra: str = ""
+) -> str:
+    return BASE_CONFIG.format(
+        n_ctx=n_ctx, queue_size=queue_size, node_id=node_id, engine_extra=engine_extra
+    )
 
 
 @pytest.fixture(scope="session")
@@ -166,10 +175,14 @@ def daemon_factory(
     started: list[Daemon] = []
 
     def make(
-        n_ctx: int = 2048, queue_size: int = 8, extra: str = "", node_id: str = "test-node"
+        n_ctx: int = 2048,
+        queue_size: int = 8,
+        extra: str = "",
+        node_id: str = "test-node",
+        engine_extra: str = "",
     ) -> Daemon:
         workdir = tmp_path_factory.mktemp("daemon")
-        text = BASE_CONFIG.format(n_ctx=n_ctx, queue_size=queue_size, node_id=node_id)
+        text = config_text(n_ctx, queue_size, node_id, engine_extra)
         d = Daemon(workdir, text + extra)
         started.append(d)
         return d.start()

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Install edgeagent as a systemd service on Debian, Ubuntu or Raspberry Pi OS.
+#
+#   sudo scripts/install.sh               install or upgrade (idempotent: safe to run again)
+#   sudo scripts/install.sh --uninstall   remove the service and the software; keep config,
+#                                         models and state
+#   sudo scripts/install.sh --uninstall --purge   ... and remove those too
+#
+# Layout: software in /opt/edgeagent/venv, config in /etc/edgeagent/edgeagent.toml (written
+# only if absent), MQTT password in /etc/edgeagent/credentials/mqtt-password (passed to the
+# service with LoadCredential=), models in /var/lib/edgeagent/models, units in
+# /etc/systemd/system. See docs/deploy.md.
+set -euo pipefail
+
+PREFIX=/opt/edgeagent
+ETC=/etc/edgeagent
+STATE=/var/lib/edgeagent
+UNIT_DIR=/etc/systemd/system
+SERVICE_USER=edgeagent
+SRC="$(cd "$(dirname "$0")/.." && pwd)"
+
+say() { printf 'edgeagent install: %s\n' "$*"; }
+have_systemd() { [ -d /run/systemd/system ]; }
+
+uninstall() {
+  local purge=$1
+  if have_systemd; then
+    systemctl disable --now edgeagent.service edgeagent.socket 2>/dev/null || true
+  fi
+  rm -f "$UNIT_DIR/edgeagent.service" "$UNIT_DIR/edgeagent.socket"
+  have_systemd && systemctl daemon-reload
+  rm -rf "$PREFIX"
+  if [ "$purge" = yes ]; then
+    rm -rf "$ETC" "$STATE" /var/cache/edgeagent
+    if id "$SERVICE_USER" >/dev/null 2>&1; then
+      userdel "$SERVICE_USER"
+    fi
+    say "removed edgeagent, its config, models and user"
+  else
+    say "removed edgeagent; kept $ETC and $STATE (use --purge to remove them)"
+  fi
+}
+
+if [ "$(id -u)" != 0 ]; then
+  echo "run as root (sudo $0 $*)" >&2
+  exit 1
+fi
+
+case "${1:-}" in
+  --uninstall)
+    uninstall "$([ "${2:-}" = --purge ] && echo yes || echo no)"
+    exit 0
+    ;;
+  "") ;;
+  *)
+    echo "usage: $0 [--uninstall [--purge]]" >&2
+    exit 2
+    ;;
+esac
+
+# 1. Build tools and Python (llama.cpp is compiled once per CPU feature set).
+need=""
+for pkg in python3-venv python3-dev gcc g++; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
+done
+if [ -n "$need" ]; then
+  say "installing$need"
+  DEBIAN_FRONTEND=noninteractive apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need
+fi
+
+# 2. A system user without a shell or a home of its own.
+if ! id "$SERVICE_USER" >/dev/null 2>&1; then
+  say "creating system user $SERVICE_USER"
+  useradd --system --user-group --home-dir "$STATE" --no-create-home \
+    --shell /usr/sbin/nologin "$SERVICE_USER"
+fi
+
+# 3. The software: a venv with llama-cpp-python built for this CPU, then edgeagent itself.
+if [ ! -x "$PREFIX/venv/bin/python" ]; then
+  say "creating $PREFIX/venv"
+  mkdir -p "$PREFIX"
+  python3 -m venv "$PREFIX/venv"
+fi
+"$PREFIX/venv/bin/python" -m pip install --quiet --upgrade pip
+llama_version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' "$SRC/pyproject.toml")
+wheel=$(XDG_CACHE_HOME=/var/cache/edgeagent-build "$SRC/scripts/build-llama.sh" \
+  "$llama_version" "$PREFIX/venv/bin/python")
+"$PREFIX/venv/bin/python" -m pip install --quiet "$wheel"
+"$PREFIX/venv/bin/python" -m pip install --quiet --upgrade "$SRC"
+mkdir -p "$PREFIX/share/doc"
+cp "$SRC/README.md" "$SRC/edgeagent.example.toml" "$PREFIX/share/doc/"
+cp -r "$SRC/docs" "$PREFIX/share/doc/"
+
+# 4. Config and credentials: never overwritten.
+install -d -m 0755 "$ETC"
+install -d -m 0700 "$ETC/credentials"
+if [ ! -f "$ETC/edgeagent.toml" ]; then
+  say "writing $ETC/edgeagent.toml (edit it, then: systemctl reload edgeagent)"
+  install -m 0644 "$SRC/edgeagent.example.toml" "$ETC/edgeagent.toml"
+fi
+# LoadCredential= refuses to start the service when its file is missing: an empty password
+# means "none". Put the broker password in this file (mode 0600, root only).
+if [ ! -f "$ETC/credentials/mqtt-password" ]; then
+  install -m 0600 /dev/null "$ETC/credentials/mqtt-password"
+fi
+"$PREFIX/venv/bin/edgeagent" config check "$ETC/edgeagent.toml"
+
+# 5. The model, fetched and verified into the service's state directory.
+install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE" "$STATE/models"
+EDGEAGENT_MODEL_DIR="$STATE/models" "$PREFIX/venv/bin/edgeagent" model fetch
+chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE/models"
+
+# 6. The units.
+install -m 0644 "$SRC/systemd/edgeagent.service" "$SRC/systemd/edgeagent.socket" "$UNIT_DIR/"
+if have_systemd; then
+  systemctl daemon-reload
+  systemctl enable edgeagent.socket edgeagent.service
+  systemctl restart edgeagent.socket edgeagent.service
+  say "running: systemctl status edgeagent; journalctl -u edgeagent -f"
+else
+  say "systemd is not running here: units installed in $UNIT_DIR, not started"
+fi
+say "done"

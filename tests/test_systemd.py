@@ -1,0 +1,234 @@
+"""systemd integration: unit files, sd_notify over a real datagram socket, socket activation,
+SIGHUP reload, journald log priorities."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.conftest import ROOT, Daemon, config_text, connect
+
+UNITS = ROOT / "systemd"
+pytestmark = pytest.mark.skipif(
+    not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed"
+)
+
+
+def installed_units(tmp_path: Path) -> Path:
+    """The units with ExecStart pointing at this checkout's edgeagent, as install.sh does."""
+    exe = Path(sys.executable).with_name("edgeagent")
+    out = tmp_path / "units"
+    out.mkdir()
+    for unit in UNITS.glob("*.s*"):
+        text = unit.read_text().replace("/opt/edgeagent/venv/bin/edgeagent", str(exe))
+        (out / unit.name).write_text(text)
+    return out
+
+
+def test_units_verify(tmp_path: Path) -> None:
+    units = installed_units(tmp_path)
+    res = subprocess.run(
+        ["systemd-analyze", "verify", str(units / "edgeagent.service"),
+         str(units / "edgeagent.socket")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    problems = [line for line in res.stderr.splitlines() if "edgeagent" in line]
+    assert res.returncode == 0 and not problems, res.stderr
+
+
+def test_security_exposure_is_at_most_2() -> None:
+    res = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(UNITS / "edgeagent.service")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    match = re.search(r"Overall exposure level for edgeagent.service: (\d+\.\d+)", res.stdout)
+    assert match, res.stdout + res.stderr
+    assert float(match.group(1)) <= 2.0, res.stdout
+
+
+def test_service_unit_settings() -> None:
+    text = (UNITS / "edgeagent.service").read_text()
+    for setting in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RuntimeDirectory=",
+                    "StateDirectory=", "CacheDirectory=", "LoadCredential=mqtt-password",
+                    "/etc/edgeagent/edgeagent.toml", "MemoryDenyWriteExecute=yes"):  # fmt: skip
+        assert setting in text
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+
+    def pump(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def first(self, prefix: str) -> int:
+        return next(i for i, (_, m) in enumerate(self.messages) if any(
+            line.startswith(prefix) for line in m.splitlines()))  # fmt: skip
+
+    def times(self, line: str) -> list[float]:
+        return [t for t, m in self.messages if line in m.splitlines()]
+
+
+def test_sd_notify_ready_status_watchdog_stopping(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # ping every 0.2 s
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    d = Daemon(tmp_path, config_text(engine_extra="stall_timeout_s = 0.5")).start()
+    try:
+        notify.pump(1.0)
+        ready = notify.first("READY=1")
+        assert "STATUS=ready: queue 0/8" in notify.messages[ready][1]
+        pings_before = [t for t in notify.times("WATCHDOG=1") if t > notify.messages[ready][0]]
+        assert len(pings_before) >= 3
+        # A prompt of ~900 tokens keeps the engine in one llama.cpp call for seconds, far
+        # past stall_timeout_s: the watchdog must stop being fed, then resume.
+        with connect(d.socket_path) as c:
+            c.send({"id": "slow", "prompt": "belts move boxes " * 300, "max_tokens": 2})
+            t_sent = time.monotonic()
+            received = b""
+            deadline = time.monotonic() + 120
+            while b'"event":"done"' not in received and time.monotonic() < deadline:
+                notify.pump(0.2)
+                with contextlib.suppress(BlockingIOError):
+                    received += c.sock.recv(65536, socket.MSG_DONTWAIT)
+            t_done = time.monotonic()
+            assert b'"event":"done"' in received
+        notify.pump(1.0)
+        pings = [t for t in notify.times("WATCHDOG=1") if t_sent <= t <= t_done]
+        gaps = [b - a for a, b in zip([t_sent, *pings], [*pings, t_done])]
+        assert max(gaps) > 1.0, gaps  # pings stopped while the engine was stuck
+        assert [t for t in notify.times("WATCHDOG=1") if t > t_done]  # and came back
+        assert "no longer feeding the watchdog" in d.log()
+        assert d.stop() == 0
+        notify.pump(0.3)
+    finally:
+        d.stop()
+    stopping = notify.first("STOPPING=1")
+    assert ready < stopping
+    assert notify.first("WATCHDOG=1") > ready
+    # Under journald every line carries its syslog priority.
+    assert re.search(r"^<6>INFO edgeagent: edgeagent .* ready in", d.log(), re.M)
+    assert re.search(r"^<3>ERROR edgeagent: engine made no progress", d.log(), re.M)
+
+
+def test_socket_activation_with_systemd_socket_activate(tmp_path: Path, model_file: Path) -> None:
+    tool = shutil.which("systemd-socket-activate")
+    if not tool:
+        pytest.skip("systemd-socket-activate is not installed")
+    sock = tmp_path / "activated.sock"
+    cfg = tmp_path / "a.toml"
+    # The config names another path: an inherited socket must win over binding our own.
+    cfg.write_text(config_text().replace("@SOCKET@", str(tmp_path / "unused.sock")))
+    with open(tmp_path / "daemon.log", "wb") as log:
+        proc = subprocess.Popen(
+            [tool, "-l", str(sock), sys.executable, "-m", "edgeagent", "run", "--config",
+             str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # systemd-socket-activate starts the daemon on the first connection; the connection
+        # waits in the listen backlog until the model is loaded.
+        with connect(str(sock), timeout=120) as c:
+            c.send({"id": "sa", "prompt": "Say OK.", "max_tokens": 4})
+            assert c.until_final("sa")[-1]["event"] == "done"
+        assert not (tmp_path / "unused.sock").exists()
+        assert "listening on inherited socket" in (tmp_path / "daemon.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory()
+    with connect(d.socket_path) as c:
+        assert c.op("status")["queue_size"] == 8
+    text = d.config_path.read_text()
+    d.config_path.write_text(
+        text.replace("queue_size = 8", "queue_size = 3").replace("n_ctx = 2048", "n_ctx = 1024")
+        + '[log]\nlevel = "debug"\n'
+    )
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "config reloaded" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with connect(d.socket_path) as c:
+        status = c.op("status")
+    assert status["queue_size"] == 3
+    assert status["model"]["n_ctx"] == 2048  # unchanged until a restart ...
+    assert "reload: model.n_ctx changed; it takes effect after a restart" in d.log()  # ... said
+    # An invalid file is refused whole; the daemon keeps running on the old config.
+    d.config_path.write_text(text + "[cpu]\nbogus = 1\n")
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reload refused" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "reload refused" in d.log() and "cpu.bogus: unknown key" in d.log()
+    with connect(d.socket_path) as c:
+        assert c.op("status")["queue_size"] == 3
+    assert d.stop() == 0
+    assert os.path.exists(d.config_path)
+
+
+MDWE_WRAPPER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit(77)
+os.execv(sys.executable, [sys.executable, "-m", "edgeagent", *sys.argv[1:]])
+"""
+
+
+def test_daemon_needs_no_writable_executable_memory(tmp_path: Path, model_file: Path) -> None:
+    """What MemoryDenyWriteExecute=yes enforces, applied by the kernel (PR_SET_MDWE)."""
+    probe = subprocess.run([sys.executable, "-c", MDWE_WRAPPER, "--version"],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    if probe.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE")
+    sock = tmp_path / "mdwe.sock"
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(config_text().replace("@SOCKET@", str(sock)))
+    with open(tmp_path / "daemon.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", MDWE_WRAPPER, "run", "--config", str(cfg)],
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+            time.sleep(0.1)
+        with connect(str(sock)) as c:
+            c.send({"id": "wx", "prompt": "Say OK.", "max_tokens": 4})
+            assert c.until_final("wx")[-1]["event"] == "done"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
