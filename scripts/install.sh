@@ -77,10 +77,18 @@ if ! id "$SERVICE_USER" >/dev/null 2>&1; then
 fi
 
 # 3. The software: a venv with llama-cpp-python built for this CPU, then edgeagent itself.
+# The distribution's Python, not whichever python3 is first on root's PATH: a pyenv or conda
+# interpreter under /root is not executable by the service user.
+PY=/usr/bin/python3
+if [ -x "$PREFIX/venv/bin/python" ] && \
+   [ "$(readlink -f "$PREFIX/venv/bin/python")" != "$(readlink -f "$PY")" ]; then
+  say "recreating $PREFIX/venv on $PY"
+  rm -rf "$PREFIX/venv"
+fi
 if [ ! -x "$PREFIX/venv/bin/python" ]; then
   say "creating $PREFIX/venv"
   mkdir -p "$PREFIX"
-  python3 -m venv "$PREFIX/venv"
+  "$PY" -m venv "$PREFIX/venv"
 fi
 "$PREFIX/venv/bin/python" -m pip install --quiet --upgrade pip
 llama_version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' "$SRC/pyproject.toml")
