@@ -25,6 +25,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return daemon.run(cfg)
 
 
+def _cmd_cloud_worker(args: argparse.Namespace) -> int:
+    from edgeagent import daemon  # noqa: PLC0415
+    from edgeagent.cloud_worker import CloudWorker  # noqa: PLC0415
+
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return daemon.EXIT_CONFIG
+    daemon.setup_logging(cfg.log.level)
+    return CloudWorker(cfg).run()
+
+
 def _cmd_config_check(args: argparse.Namespace) -> int:
     try:
         cfg = config.load(args.file)
@@ -183,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--config", help="TOML config file (default: the embedded default config)")
     run.set_defaults(func=_cmd_run)
+
+    worker = sub.add_parser(
+        "cloud-worker", help="answer escalations with an OpenAI-compatible server (vLLM, TGI)"
+    )
+    worker.add_argument("--config", required=True, help="TOML config with [cloud] and [worker]")
+    worker.set_defaults(func=_cmd_cloud_worker)
 
     cfg = sub.add_parser("config", help="check a config file or list every key")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)

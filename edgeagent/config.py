@@ -121,6 +121,76 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class EscalationConfig:
+    enabled: bool = _f(False, doc="escalate flagged requests to the cloud model ([cloud])")
+    offline: str = _f(
+        "local+queue", choices=("local", "queue", "local+queue"),
+        doc="cloud unreachable: answer locally, spool for the cloud, or both",
+    )  # fmt: skip
+    timeout_s: float = _f(
+        30.0, lo=0.1, hi=3600.0, doc="wait this long for a cloud answer, then answer locally"
+    )
+    keywords: tuple[str, ...] = field(
+        default=(), metadata={"kind": "strings", "doc": "escalate prompts containing one of these"}
+    )
+    patterns: tuple[str, ...] = field(
+        default=(), metadata={"kind": "regexes", "doc": "escalate prompts matching a regex"}
+    )
+    min_prompt_tokens: int = _f(0, lo=0, hi=1 << 20, doc="escalate prompts this long; 0: off")
+    deep_topic: bool = _f(True, doc="escalate requests published on <prefix>/<node_id>/ask/deep")
+    low_confidence: bool = _f(False, doc="second opinion when the local answer is unsure")
+    min_mean_logprob: float = _f(
+        -1.0, lo=-100.0, hi=0.0, doc="... unsure: mean token log-probability below this"
+    )
+    redact: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata={"kind": "redactions", "doc": "[[regex, placeholder], ...] applied to cloud text"},
+    )
+    max_tokens: int = _f(1024, lo=1, hi=131072, doc="answer length asked of the cloud model")
+    spool_path: str = _f(
+        "", doc="escalation spool (sqlite); default $STATE_DIRECTORY or ~/.local/state/edgeagent"
+    )
+    spool_max: int = _f(10000, lo=1, hi=10_000_000, doc="escalations waiting; oldest dropped")
+    spool_max_age_s: float = _f(7 * 86400.0, lo=1.0, hi=365 * 86400.0)
+    result_ttl_s: float = _f(7 * 86400.0, lo=1.0, hi=365 * 86400.0, doc="answers kept for `result`")
+    max_inflight: int = _f(4, lo=1, hi=1000, doc="spooled escalations sent to the cloud at once")
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    enabled: bool = _f(False, doc="connect to the cloud broker (escalation and the worker)")
+    host: str = _f("localhost")
+    port: int = _f(1883, lo=1, hi=65535)
+    client_id: str = _f("", doc="default edgeagent-<node_id>-cloud (worker: -worker-<id>)")
+    keepalive: int = _f(30, lo=1, hi=65535)
+    topic_prefix: str = _f("edgeagent-cloud")
+    username: str = _f("")
+    password_file: str = _f(
+        "", doc="file holding the password (default: $CREDENTIALS_DIRECTORY/cloud-password)"
+    )
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    session_expiry_s: int = _f(7 * 86400, lo=0, hi=4294967295)
+    reconnect_min_s: int = _f(1, lo=1, hi=3600)
+    reconnect_max_s: int = _f(30, lo=1, hi=3600)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str = _f("", doc="default: the host name")
+    shared_group: str = _f("edgeagent-workers", doc="workers in one group share <cloud>/ask")
+    base_url: str = _f("http://127.0.0.1:8000/v1", doc="OpenAI-compatible API (vLLM, TGI)")
+    model: str = _f("meta-llama/Meta-Llama-3-8B-Instruct")
+    api_key_file: str = _f(
+        "", doc="default: $EDGEAGENT_CLOUD_API_KEY, else $CREDENTIALS_DIRECTORY/cloud-api-key"
+    )
+    concurrency: int = _f(4, lo=1, hi=1024, doc="completions running at once")
+    request_timeout_s: float = _f(120.0, lo=1.0, hi=3600.0)
+    max_tokens: int = _f(1024, lo=1, hi=131072)
+    temperature: float = _f(0.2, lo=0.0, hi=2.0)
+    token_interval_ms: int = _f(50, lo=0, hi=10000, doc="coalesce streamed tokens this long")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _f("info", choices=("debug", "info", "warning", "error"))
 
@@ -133,6 +203,9 @@ class Config:
     socket: SocketConfig = field(default_factory=SocketConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     cpu: CpuConfig = field(default_factory=CpuConfig)
+    escalation: EscalationConfig = field(default_factory=EscalationConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
@@ -174,9 +247,47 @@ def _expand_cpulist(text: str) -> list[int]:
     return out
 
 
+def _check_strings(value: Any, kind: str) -> tuple[Any, Optional[str]]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        return value, f"expected a list of non-empty strings, got {value!r}"
+    if kind == "regexes":
+        for v in value:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                return value, f"{v!r} is not a valid regular expression: {exc}"
+    return tuple(value), None
+
+
+def _check_redactions(value: Any) -> tuple[Any, Optional[str]]:
+    expected = 'expected a list of [regex, placeholder] pairs, like [["SN-\\d+", "[serial]"]]'
+    if not isinstance(value, list):
+        return value, f"{expected}, got {value!r}"
+    out = []
+    for pair in value:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(v, str) for v in pair)
+            or not pair[0]
+        ):
+            return value, f"{expected}, got {pair!r}"
+        try:
+            re.compile(pair[0])
+        except re.error as exc:
+            return value, f"{pair[0]!r} is not a valid regular expression: {exc}"
+        out.append((pair[0], pair[1]))
+    return tuple(out), None
+
+
 def _check_value(key: str, value: Any, tp: Any, meta: Any) -> tuple[Any, Optional[str]]:
-    if meta.get("kind") == "cores":
+    kind = meta.get("kind")
+    if kind == "cores":
         return _check_cores(value)
+    if kind in ("strings", "regexes"):
+        return _check_strings(value, kind)
+    if kind == "redactions":
+        return _check_redactions(value)
     if key.endswith(".mode") and isinstance(value, str):
         if not re.fullmatch(r"0?o?[0-7]{3,4}", value):
             return value, f'expected an octal file mode like "0660", got {value!r}'
@@ -258,6 +369,28 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
             problems.append(f"{src}: mqtt.tls.{key}: {value} is not a readable file")
     if m.enabled and m.password_file and not Path(m.password_file).is_file():
         problems.append(f"{src}: mqtt.password_file: {m.password_file} is not a readable file")
+    c = cfg.cloud
+    if not re.fullmatch(r"[^+#$/][^+#]*", c.topic_prefix) or c.topic_prefix.endswith("/"):
+        problems.append(
+            f"{src}: cloud.topic_prefix: {c.topic_prefix!r} must be a topic without wildcards, "
+            "not starting with '$' or '/', not ending with '/'"
+        )
+    if c.reconnect_max_s < c.reconnect_min_s:
+        problems.append(f"{src}: cloud.reconnect_max_s: below cloud.reconnect_min_s")
+    if (c.tls.cert_file == "") != (c.tls.key_file == ""):
+        problems.append(f"{src}: cloud.tls: cert_file and key_file go together")
+    if c.enabled and c.password_file and not Path(c.password_file).is_file():
+        problems.append(f"{src}: cloud.password_file: {c.password_file} is not a readable file")
+    if cfg.escalation.enabled and not c.enabled:
+        problems.append(
+            f"{src}: escalation.enabled: needs the cloud broker: set [cloud] enabled = true"
+        )
+    if not re.fullmatch(r"[^+#/]+", cfg.worker.shared_group):
+        problems.append(f"{src}: worker.shared_group: must be non-empty without '/', '+', '#'")
+    if cfg.worker.worker_id and not NODE_ID_RE.match(cfg.worker.worker_id):
+        problems.append(f"{src}: worker.worker_id: 1-64 of letters, digits, '_', '-', '.'")
+    if not re.match(r"https?://", cfg.worker.base_url):
+        problems.append(f"{src}: worker.base_url: expected an http:// or https:// URL")
     if not cfg.socket.path:
         problems.append(f"{src}: socket.path: must not be empty")
     elif len(cfg.socket.path.encode()) > 107:
@@ -311,7 +444,7 @@ def describe_keys() -> list[tuple[str, Any, str]]:
             if f.metadata.get("internal"):
                 continue
             if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{f.name}.")
+                walk(hints[f.name], f"{prefix}{f.name}.")
             else:
                 out.append((prefix + f.name, f.default, f.metadata.get("doc", "")))
 

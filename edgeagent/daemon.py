@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from edgeagent import __version__, config, cpu, models
 from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
+from edgeagent.escalation import Escalator
 from edgeagent.mqtt_link import MqttLink
 from edgeagent.socket_server import SocketError, SocketServer
 from edgeagent.systemd import Notifier, inherited_unix_socket, watchdog_interval
@@ -25,6 +27,7 @@ log = logging.getLogger("edgeagent")
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
 EXIT_LISTEN = 4
+EXIT_SPOOL = 5
 STATUS_INTERVAL_S = 5.0
 
 # Keys SIGHUP may change in a running daemon; anything else needs a restart.
@@ -106,6 +109,9 @@ def one_line_status(d: Dispatcher, link: Optional[MqttLink]) -> str:
     mqtt = ""
     if link is not None:
         mqtt = ", MQTT " + ("up" if link.connected.is_set() else "down")
+    if d.escalator is not None:
+        spooled = d.escalator.spool_counts.get("waiting", 0)
+        mqtt += f", cloud {'up' if d.escalator.up else 'down'} ({spooled} spooled)"
     return (
         f"{s['state']}: queue {s['queue_depth']}/{s['queue_size']}, in flight {s['in_flight']}, "
         f"served {s['requests_served']}, "
@@ -173,6 +179,18 @@ async def serve(cfg: Config, started: float) -> int:
 
     dispatcher = Dispatcher(cfg, engine, loop)
     dispatcher.status_sections["cpu"] = lambda: cpu_status(engine)
+    escalator: Optional[Escalator] = None
+    if cfg.escalation.enabled:
+        try:
+            escalator = Escalator(cfg, loop)
+            await escalator.start()
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot open the escalation spool: %s", exc)
+            engine.stop()
+            return EXIT_SPOOL
+        dispatcher.escalator = escalator
+        dispatcher.status_sections["escalation"] = escalator.status
+
     server = SocketServer(cfg.socket, dispatcher)
     try:
         await server.start(inherited_unix_socket())
@@ -186,6 +204,9 @@ async def serve(cfg: Config, started: float) -> int:
         link = MqttLink(cfg, dispatcher, loop, lambda: describe(engine))
         dispatcher.status_sections["mqtt"] = link.status
         link.start()
+    if escalator is not None:
+        escalator.followups = link
+        await escalator.redeliver()
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -262,6 +283,8 @@ async def serve(cfg: Config, started: float) -> int:
     cancelled = await dispatcher.drain(drain_s)
     await asyncio.sleep(0.05)  # let the last events reach the sockets
     server.close_connections()
+    if escalator is not None:
+        await escalator.stop()
     if link is not None:
         await link.stop()
     for task in tasks:

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import json
 import logging
 import os
 import time
 from collections.abc import Hashable
-from typing import Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 import psutil
 
-from edgeagent import __version__, protocol
+from edgeagent import __version__, policy, protocol
+from edgeagent import spool as sp
 from edgeagent.config import Config
 from edgeagent.engine import Engine, EngineBusy, EngineStopped, Event, Job
 from edgeagent.protocol import Op, ProtocolError, Request
+
+if TYPE_CHECKING:
+    from edgeagent.escalation import Escalator
 
 log = logging.getLogger("edgeagent.dispatcher")
 
@@ -44,6 +50,10 @@ class ReplySink(Protocol):
     @property
     def closed(self) -> bool:
         """The client is gone: its events are dropped."""
+
+    @property
+    def reply_address(self) -> Optional[tuple[str, Optional[bytes]]]:
+        """(MQTT reply topic, correlation data) for follow-ups; None for a terminal."""
 
     def send(self, event: Event) -> None:
         """Queue an event for the client; called on the event loop, must not block."""
@@ -94,12 +104,46 @@ def cpu_temperature() -> Optional[float]:
 
 
 class _Inflight:
-    __slots__ = ("finished", "job", "sink", "timer")
+    """One accepted request until its final event: answered locally, by the cloud, or both."""
 
-    def __init__(self, job: Job, sink: ReplySink) -> None:
-        self.job, self.sink = job, sink
+    __slots__ = (
+        "cloud_started", "cloud_timer", "deadline", "esc_id", "escalation", "finished", "job",
+        "request", "sink", "timer",
+    )  # fmt: skip
+
+    def __init__(self, request: Request, sink: ReplySink, deadline: float) -> None:
+        self.request, self.sink, self.deadline = request, sink, deadline
+        self.job: Optional[Job] = None  # set once the local model is asked
         self.timer: Optional[asyncio.TimerHandle] = None
         self.finished = False
+        self.escalation: Optional[dict[str, Any]] = None  # goes into `done` as "escalation"
+        self.esc_id: Optional[str] = None
+        self.cloud_timer: Optional[asyncio.TimerHandle] = None
+        self.cloud_started = 0.0
+
+
+def escalation_id(node_id: str, sink: ReplySink, req: Request) -> str:
+    """Stable for an MQTT request delivered again (same reply address, id and question), so a
+    redelivery finds its escalation instead of asking the cloud twice; random otherwise."""
+    address = sink.reply_address
+    if address is None:
+        return os.urandom(12).hex()
+    topic, correlation = address
+    key = json.dumps([node_id, topic, (correlation or b"").hex(), req.id, req.messages])
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+class _CloudWaiter:
+    """Streams an escalation's cloud answer into its request."""
+
+    def __init__(self, dispatcher: Dispatcher, entry: _Inflight) -> None:
+        self.d, self.entry = dispatcher, entry
+
+    def on_token(self, text: str) -> None:
+        self.d._cloud_token(self.entry, text)
+
+    def on_final(self, event: dict[str, Any]) -> None:
+        self.d._cloud_final(self.entry, event)
 
 
 class Dispatcher:
@@ -114,6 +158,8 @@ class Dispatcher:
         self.idle.set()
         # Transports add their own section to status (e.g. "mqtt": connection state).
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.escalator: Optional[Escalator] = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- entry points for transports (event loop only) ------------------------------------
 
@@ -126,21 +172,22 @@ class Dispatcher:
             return
         self.handle_decoded(obj, sink)
 
-    def handle_decoded(self, obj: Any, sink: ReplySink) -> None:
+    def handle_decoded(self, obj: Any, sink: ReplySink, via_deep_topic: bool = False) -> None:
         """An already decoded JSON value (MQTT strips its transport fields first)."""
         try:
-            self.handle(protocol.parse(obj, max_tokens_limit=self.cfg.model.max_tokens), sink)
+            msg = protocol.parse(obj, max_tokens_limit=self.cfg.model.max_tokens)
+            self.handle(msg, sink, via_deep_topic)
         except ProtocolError as exc:
             self._reply_error(sink, exc.request_id, exc.code, exc.message)
         except Exception as exc:
             log.exception("unexpected failure handling a request from %s", sink.peer)
             self._reply_error(sink, None, protocol.INTERNAL, f"internal error: {exc}")
 
-    def handle(self, msg: Request | Op, sink: ReplySink) -> None:
+    def handle(self, msg: Request | Op, sink: ReplySink, via_deep_topic: bool = False) -> None:
         if isinstance(msg, Op):
             self._handle_op(msg, sink)
         else:
-            self._submit(msg, sink)
+            self._submit(msg, sink, via_deep_topic)
 
     def sink_closed(self, sink: ReplySink) -> None:
         """The client went away: stop everything it asked for."""
@@ -165,7 +212,7 @@ class Dispatcher:
         except asyncio.TimeoutError:
             left = list(self._inflight.values())
             for entry in left:
-                self._stop(entry, protocol.CANCELLED)
+                self._stop(entry, protocol.CANCELLED, shutdown=True)
             if left:
                 await asyncio.wait_for(self.idle.wait(), 5.0)
             return len(left)
@@ -178,7 +225,7 @@ class Dispatcher:
         if not sink.closed:
             sink.send(event)
 
-    def _submit(self, req: Request, sink: ReplySink) -> None:
+    def _submit(self, req: Request, sink: ReplySink, via_deep_topic: bool = False) -> None:
         key = (sink.scope, req.id)
         if key in self._inflight:
             self._reply_error(sink, req.id, protocol.BAD_REQUEST, "this id is already in flight")
@@ -192,60 +239,251 @@ class Dispatcher:
                 f"more than {sink.max_inflight} requests in flight from this client",
             )  # fmt: skip
             return
+        reason = None
+        esc = self.escalator
+        if esc is not None:
+            reason = policy.before_answer(
+                req, esc.rules, via_deep_topic=via_deep_topic, count_tokens=self.engine.count_tokens
+            )
         timeout_s = req.deadline_ms / 1000 if req.deadline_ms else self.cfg.engine.request_timeout_s
-        deadline = time.monotonic() + timeout_s
-        entry: Optional[_Inflight] = None
-
-        def emit(event: Event) -> None:  # any thread
-            self.loop.call_soon_threadsafe(self._deliver, entry, event)
-
-        job = Job(req, emit, deadline)
-        entry = _Inflight(job, sink)
-        try:
-            self.engine.submit(job)
-        except EngineBusy:
-            self._reply_error(
-                sink, req.id, protocol.BUSY,
-                f"queue full ({self.cfg.engine.queue_size} waiting); retry later",
-            )  # fmt: skip
-            return
-        except EngineStopped:
-            self._reply_error(sink, req.id, protocol.BUSY, "shutting down; try another node")
-            return
+        entry = _Inflight(req, sink, time.monotonic() + timeout_s)
+        if reason is None:
+            # Answer locally; with a low-confidence rule, the answer may get a second opinion.
+            want_confidence = (
+                esc is not None and esc.rules.low_confidence and policy.may_leave_the_box(req)
+            )
+            if not self._ask_local(entry, want_confidence, registered=False):
+                return
         self._inflight[key] = entry
         self._per_scope[sink.scope] += 1
         self.idle.clear()
         entry.timer = self.loop.call_later(timeout_s, self._stop, entry, protocol.TIMEOUT)
+        if reason is not None:
+            self._spawn(self._escalate(entry, reason))
 
-    def _stop(self, entry: _Inflight, reason: str) -> None:
+    def _ask_local(self, entry: _Inflight, want_confidence: bool = False,
+                   registered: bool = True) -> bool:  # fmt: skip
+        """Queue the request for the local model; False (and the client told) when it can't."""
+
+        def emit(event: Event) -> None:  # any thread
+            self.loop.call_soon_threadsafe(self._deliver, entry, event)
+
+        job = Job(entry.request, emit, entry.deadline)
+        job.want_confidence = want_confidence
+        try:
+            self.engine.submit(job)
+        except (EngineBusy, EngineStopped) as exc:
+            message = (
+                f"queue full ({self.cfg.engine.queue_size} waiting); retry later"
+                if isinstance(exc, EngineBusy)
+                else "shutting down; try another node"
+            )
+            event = protocol.error_event(entry.request.id, protocol.BUSY, message)
+            if registered:
+                self._deliver(entry, event)
+            else:
+                self._reply_error(entry.sink, entry.request.id, protocol.BUSY, message)
+            return False
+        entry.job = job
+        return True
+
+    # --- escalation -----------------------------------------------------------------------
+
+    async def _escalate(self, entry: _Inflight, reason: policy.Reason) -> None:
+        esc, req = self.escalator, entry.request
+        assert esc is not None
+        offline = self.cfg.escalation.offline
+        try:
+            if not esc.up and offline == "local":
+                entry.escalation = {**reason.as_dict(), "status": "offline"}
+                self._ask_local(entry)
+                return
+            stored = await esc.record(
+                escalation_id(self.cfg.node_id, entry.sink, req), req.id, reason.as_dict(),
+                self._cloud_payload(req, reason), entry.sink.reply_address,
+            )  # fmt: skip
+        except Exception as exc:
+            log.exception("escalating %s failed", req.id)
+            self._deliver(entry, protocol.error_event(req.id, protocol.INTERNAL, str(exc)))
+            return
+        entry.esc_id = stored.id
+        entry.escalation = {**reason.as_dict(), "id": stored.id}
+        if entry.finished:  # cancelled or timed out while the spool was writing
+            esc.cancel(stored.id)
+            return
+        if stored.state == sp.ANSWERED and stored.answer is not None:
+            self._cloud_final(entry, {"event": "done", **stored.answer})  # asked before
+            return
+        if esc.up and stored.state == sp.WAITING:
+            entry.cloud_started = time.monotonic()
+            entry.cloud_timer = self.loop.call_later(
+                self.cfg.escalation.timeout_s, self._cloud_timeout, entry
+            )
+            esc.ask(stored, _CloudWaiter(self, entry))
+            return
+        entry.escalation["status"] = "queued"
+        esc.watch(stored.id, entry.sink)
+        if offline == "queue":
+            self._deliver(entry, self._queued_done(entry))
+        else:
+            self._ask_local(entry)
+
+    def _cloud_payload(self, req: Request, reason: policy.Reason) -> dict[str, Any]:
+        """What goes to the cloud: the conversation so far, redacted."""
+        assert self.escalator is not None
+        history = self.engine.history(req.session)
+        system = self.cfg.model.system_prompt
+        has_system = any(m["role"] == "system" for m in [*history, *req.messages])
+        messages = [{"role": "system", "content": system}] if system and not has_system else []
+        messages += [*history, *req.messages]
+        return {
+            "node_id": self.cfg.node_id,
+            "request_id": req.id,
+            "messages": policy.redact_messages(messages, self.escalator.rules),
+            "max_tokens": req.max_tokens or self.cfg.escalation.max_tokens,
+            **({"temperature": req.temperature} if req.temperature is not None else {}),
+            "reason": reason.as_dict(),
+        }
+
+    def _queued_done(self, entry: _Inflight) -> Event:
+        return {
+            "event": "done", "id": entry.request.id, "text": "", "source": "queued",
+            "node_id": self.cfg.node_id, "finish_reason": "queued",
+        }  # fmt: skip
+
+    def _cloud_token(self, entry: _Inflight, text: str) -> None:
+        if entry.finished or entry.job is not None:
+            return
+        if entry.cloud_timer is not None:  # the timeout is for silence, not for a long answer
+            entry.cloud_timer.cancel()
+            entry.cloud_timer = self.loop.call_later(
+                self.cfg.escalation.timeout_s, self._cloud_timeout, entry
+            )
+        if entry.request.stream:
+            self._deliver(entry, protocol.token_event(entry.request.id, text))
+
+    def _cloud_final(self, entry: _Inflight, event: dict[str, Any]) -> None:
+        if entry.cloud_timer is not None:
+            entry.cloud_timer.cancel()
+        if entry.finished or entry.job is not None:
+            return
+        req = entry.request
+        assert entry.escalation is not None
+        if event.get("event") != "done":
+            log.warning("escalation %s failed in the cloud: %s", entry.esc_id, event.get("message"))
+            entry.escalation.update(status="cloud_error", message=event.get("message", ""))
+            self._ask_local(entry)
+            return
+        text = event.get("text", "")
+        self.engine.record_turn(req.session, req.messages, text)
+        now = time.monotonic()
+        entry.escalation["status"] = "answered"
+        started = entry.cloud_started or now
+        self._deliver(
+            entry,
+            {
+                "event": "done",
+                "id": req.id,
+                "text": text,
+                "source": "cloud",
+                "node_id": self.cfg.node_id,
+                "finish_reason": event.get("finish_reason", "stop"),
+                "model": event.get("model", ""),
+                **({"session": req.session} if req.session else {}),
+                "usage": event.get("usage", {}),
+                "timings": {"total_ms": round((now - started) * 1000, 1)},
+            },
+        )
+
+    def _cloud_timeout(self, entry: _Inflight) -> None:
+        if entry.finished or entry.job is not None or self.escalator is None:
+            return
+        assert entry.esc_id is not None and entry.escalation is not None
+        log.info("escalation %s: no cloud answer within %.1f s; answering locally",
+                 entry.esc_id, self.cfg.escalation.timeout_s)  # fmt: skip
+        self.escalator.detach(entry.esc_id, entry.sink)
+        entry.escalation["status"] = "timeout"
+        self._ask_local(entry)
+
+    async def _second_opinion(self, entry: _Inflight, event: Event, reason: policy.Reason) -> None:
+        """A local answer the model was unsure of: deliver it, and ask the cloud as well."""
+        esc, req = self.escalator, entry.request
+        assert esc is not None
+        try:
+            stored = await esc.record(
+                escalation_id(self.cfg.node_id, entry.sink, req), req.id, reason.as_dict(),
+                self._cloud_payload(req, reason), entry.sink.reply_address,
+            )  # fmt: skip
+            esc.watch(stored.id, entry.sink)
+            event["escalation"] = {**reason.as_dict(), "id": stored.id, "status": "queued"}
+        except Exception:
+            log.exception("second opinion for %s could not be recorded", req.id)
+            event["escalation"] = {**reason.as_dict(), "status": "error"}
+        self._complete(entry, event)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- finishing --------------------------------------------------------------------------
+
+    def _stop(self, entry: _Inflight, reason: str, shutdown: bool = False) -> None:
         if entry.finished:
             return
-        if self.engine.cancel(entry.job, reason):  # never started: we answer it here
+        if entry.job is None:  # waiting for the cloud (or the spool): answer here
+            if entry.esc_id is not None and self.escalator is not None:
+                # Only the requester cancels a question; a shutdown leaves it in the spool.
+                if reason == protocol.CANCELLED and not shutdown:
+                    self.escalator.cancel(entry.esc_id)
+                else:
+                    self.escalator.detach(entry.esc_id, entry.sink)
+            if entry.cloud_timer is not None:
+                entry.cloud_timer.cancel()
+            what = "deadline passed" if reason == protocol.TIMEOUT else "cancelled"
+            self._deliver(entry, protocol.error_event(entry.request.id, reason, what))
+        elif self.engine.cancel(entry.job, reason):  # never started: we answer it here
             what = "deadline passed while queued" if reason == protocol.TIMEOUT else "cancelled"
-            self._deliver(entry, protocol.error_event(entry.job.request.id, reason, what))
+            self._deliver(entry, protocol.error_event(entry.request.id, reason, what))
 
     def _deliver(self, entry: Optional[_Inflight], event: Event) -> None:
         assert entry is not None
         if entry.finished:
             log.debug("dropping %s for finished request %s", event["event"], event.get("id"))
             return
-        if event["event"] in FINAL_EVENTS:
-            entry.finished = True
-            if entry.timer:
-                entry.timer.cancel()
-            scope = entry.sink.scope
-            self._inflight.pop((scope, entry.job.request.id), None)
-            self._per_scope[scope] -= 1
-            if self._per_scope[scope] <= 0:
-                del self._per_scope[scope]
-            self.stats.record(event)
-            if not self._inflight:
-                self.idle.set()
-            if event["event"] == "error":
-                log.info("%s %s: %s %s", entry.sink.peer, event["id"], event["code"],
-                         event["message"])  # fmt: skip
-            else:
-                log.debug("%s %s: done, %s", entry.sink.peer, event["id"], event["usage"])
+        if event["event"] not in FINAL_EVENTS:
+            if not entry.sink.closed:
+                entry.sink.send(event)
+            return
+        entry.finished = True
+        if entry.timer:
+            entry.timer.cancel()
+        if event["event"] == "done" and entry.escalation is not None:
+            event["escalation"] = entry.escalation
+        elif event["event"] == "done" and entry.job is not None and entry.job.want_confidence:
+            assert self.escalator is not None
+            confidence = event.get("confidence", {}).get("mean_logprob")
+            reason = policy.after_answer(entry.request, self.escalator.rules, confidence)
+            if reason is not None:
+                self._spawn(self._second_opinion(entry, event, reason))
+                return
+        self._complete(entry, event)
+
+    def _complete(self, entry: _Inflight, event: Event) -> None:
+        """Send the final event and forget the request."""
+        scope = entry.sink.scope
+        self._inflight.pop((scope, entry.request.id), None)
+        self._per_scope[scope] -= 1
+        if self._per_scope[scope] <= 0:
+            del self._per_scope[scope]
+        self.stats.record(event)
+        if not self._inflight:
+            self.idle.set()
+        if event["event"] == "error":
+            log.info("%s %s: %s %s", entry.sink.peer, event["id"], event["code"],
+                     event["message"])  # fmt: skip
+        else:
+            log.debug("%s %s: done, %s", entry.sink.peer, event["id"], event.get("usage"))
         if not entry.sink.closed:
             entry.sink.send(event)
 
@@ -262,6 +500,21 @@ class Dispatcher:
             assert op.session is not None
             found = self.engine.sessions.drop(op.session)
             sink.send({"event": "reset", "session": op.session, "found": found})
+        elif op.op == "result":
+            assert op.id is not None
+            self._spawn(self._result(op.id, sink))
+
+    async def _result(self, key: str, sink: ReplySink) -> None:
+        if self.escalator is None:
+            event: Event = {"event": "result", "id": key, "status": "unknown"}
+        else:
+            try:
+                event = await self.escalator.result(key)
+            except Exception as exc:
+                log.exception("result %s", key)
+                event = protocol.error_event(key, protocol.INTERNAL, str(exc))
+        if not sink.closed:
+            sink.send(event)
 
     def metrics(self) -> dict[str, Any]:
         """Status plus the box's health, for the periodic MQTT metrics message."""

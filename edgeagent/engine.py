@@ -49,6 +49,7 @@ class Job:
         self.deadline = deadline  # time.monotonic() value
         self.received = time.monotonic()
         self.stop_reason: Optional[str] = None  # protocol.CANCELLED or protocol.TIMEOUT
+        self.want_confidence = False  # add the answer's mean token log-probability to `done`
 
     def should_stop(self) -> Optional[str]:
         if self.stop_reason is None and time.monotonic() >= self.deadline:
@@ -342,6 +343,35 @@ class Engine:
         )
         return tokens
 
+    def _token_logprob(self, token: int) -> float:
+        """log p(token) under the model's raw distribution at the position just sampled."""
+        import llama_cpp  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415
+
+        n_vocab = self._llm.n_vocab()
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._llm.ctx, -1), shape=(n_vocab,)
+        )
+        top = float(logits.max())
+        return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` (the vocabulary is read-only: safe beside a running generation)."""
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def history(self, session: Optional[str]) -> list[dict[str, str]]:
+        """The conversation so far (for a request answered elsewhere, e.g. by the cloud)."""
+        if not session or not self.sessions.max_sessions:
+            return []
+        return list(self.sessions.get(session).messages)
+
+    def record_turn(self, session: Optional[str], messages: tuple[dict[str, str], ...],
+                    answer: str) -> None:  # fmt: skip
+        """Add a turn answered elsewhere to the conversation, so follow-ups see it."""
+        if session and self.sessions.max_sessions:
+            conv = self.sessions.get(session)
+            self.sessions.commit(conv, [*messages, {"role": "assistant", "content": answer}])
+
     def _is_eog(self, token: int) -> bool:
         import llama_cpp  # noqa: PLC0415
 
@@ -424,6 +454,7 @@ class Engine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         matcher = _StopMatcher(req.stop)
         completion: list[int] = []
+        logprob_sum = 0.0
         first_at: Optional[float] = None
         finish = "length"
         gen = llm.generate(
@@ -440,6 +471,8 @@ class Engine:
                     finish = "stop"
                     break
                 completion.append(token)
+                if job.want_confidence:
+                    logprob_sum += self._token_logprob(token)
                 piece, hit = matcher.feed(decoder.decode(llm.detokenize([token])))
                 if piece and req.stream:
                     job.emit(protocol.token_event(req.id, piece))
@@ -473,6 +506,11 @@ class Engine:
                 "finish_reason": finish,
                 "model": self.model_name,
                 **({"session": req.session} if req.session else {}),
+                **(
+                    {"confidence": {"mean_logprob": round(logprob_sum / len(completion), 3)}}
+                    if job.want_confidence and completion
+                    else {}
+                ),
                 "usage": {
                     "prompt_tokens": len(tokens),
                     "cached_tokens": cached,

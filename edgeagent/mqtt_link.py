@@ -13,41 +13,25 @@ import asyncio
 import collections
 import json
 import logging
-import os
-import ssl
 import time
 import uuid
 from collections.abc import Hashable
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent import protocol
 from edgeagent.config import Config
 from edgeagent.dispatcher import FINAL_EVENTS, Dispatcher
 from edgeagent.engine import Event
+from edgeagent.mqtt_client import connect_properties, new_client, publish_properties, read_secret
 from edgeagent.topics import Topics, valid_reply_topic
 
 log = logging.getLogger("edgeagent.mqtt")
 
 RECENT_REQUESTS = 10_000  # remembered to answer a redelivered request once
 PASSWORD_CREDENTIAL = "mqtt-password"  # noqa: S105 (a file name, not a secret)
-
-
-def read_password(cfg: Config) -> Optional[str]:
-    """The broker password from `password_file` or systemd's credentials directory."""
-    path = cfg.mqtt.password_file
-    if not path and os.environ.get("CREDENTIALS_DIRECTORY"):
-        candidate = Path(os.environ["CREDENTIALS_DIRECTORY"]) / PASSWORD_CREDENTIAL
-        path = str(candidate) if candidate.is_file() else ""
-    if not path:
-        return None
-    return Path(path).read_text().rstrip("\r\n")
 
 
 class _Delivery:
@@ -92,6 +76,10 @@ class MqttReplySink:
     @property
     def closed(self) -> bool:
         return False
+
+    @property
+    def reply_address(self) -> Optional[tuple[str, Optional[bytes]]]:
+        return self.topic, self.correlation
 
     def send(self, event: Event) -> None:
         if event["event"] == "token":
@@ -153,6 +141,8 @@ class MqttLink:
         )
         self._ack_on_puback: dict[int, _Delivery] = {}
         self._final_topics: dict[int, str] = {}  # QoS 1 finals awaiting PUBACK, for logs
+        self._on_puback: dict[int, Callable[[], None]] = {}
+        self.deep = cfg.escalation.enabled and cfg.escalation.deep_topic
         self._pending_subs: dict[int, list[str]] = {}
         self._metrics_task: Optional[asyncio.Task[None]] = None
         self._client = self._make_client()
@@ -161,27 +151,17 @@ class MqttLink:
 
     def _make_client(self) -> mqtt.Client:
         m = self.cfg.mqtt
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            clean_session=None if self.v5 else False,
-            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+        client = new_client(
+            self.client_id,
+            v5=self.v5,
             manual_ack=True,
+            username=m.username,
+            password=read_secret(m.password_file, PASSWORD_CREDENTIAL) if m.username else None,
+            tls=m.tls,
+            reconnect=(m.reconnect_min_s, m.reconnect_max_s),
+            logger=logging.getLogger("edgeagent.mqtt.paho"),
         )
-        if log.isEnabledFor(logging.DEBUG):  # paho is chatty about every reconnect attempt
-            client.enable_logger(logging.getLogger("edgeagent.mqtt.paho"))
-        client.reconnect_delay_set(m.reconnect_min_s, m.reconnect_max_s)
-        client.max_queued_messages_set(100_000)
         client.will_set(self.topics.status, self._offline_payload("connection lost"), 1, True)
-        if m.username:
-            client.username_pw_set(m.username, read_password(self.cfg))
-        if m.tls.enabled:
-            client.tls_set(
-                ca_certs=m.tls.ca_file or None,
-                certfile=m.tls.cert_file or None,
-                keyfile=m.tls.key_file or None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -192,10 +172,7 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background: a broker that is down delays nothing, we keep trying."""
         m = self.cfg.mqtt
-        props = None
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = m.session_expiry_s
+        props = connect_properties(m.session_expiry_s) if self.v5 else None
         self._client.connect_async(
             m.host, m.port, m.keepalive,
             clean_start=False if self.v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
@@ -206,7 +183,7 @@ class MqttLink:
         log.info(
             "MQTT %s connecting to %s:%d as %s; requests on %s",
             "v5" if self.v5 else "v3.1.1", m.host, m.port, self.client_id,
-            " and ".join(self.topics.subscriptions()),
+            " and ".join(self.topics.subscriptions(self.deep)),
         )  # fmt: skip
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -226,7 +203,7 @@ class MqttLink:
             "connected": self.connected.is_set(),
             "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
             "client_id": self.client_id,
-            "subscriptions": self.topics.subscriptions(),
+            "subscriptions": self.topics.subscriptions(self.deep),
             "refused_subscriptions": self.refused_subscriptions,
             **dict(self.counters),
         }
@@ -286,7 +263,7 @@ class MqttLink:
         log.info("MQTT connected (session %s)", "resumed" if session_present else "new")
         self._generation += 1
         self.connected.set()
-        topics = self.topics.subscriptions()
+        topics = self.topics.subscriptions(self.deep)
         result, mid = self._client.subscribe([(t, self.cfg.mqtt.qos) for t in topics])
         if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             self._pending_subs[mid] = topics
@@ -318,6 +295,9 @@ class MqttLink:
         delivery = self._ack_on_puback.pop(mid, None)
         if delivery is not None:
             self._ack(delivery)
+        callback = self._on_puback.pop(mid, None)
+        if callback is not None and not rc.is_failure:
+            callback()
 
     def ack_after(self, mid: int, delivery: _Delivery, topic: str) -> None:
         """Acknowledge the request once the broker has taken its final event."""
@@ -333,14 +313,18 @@ class MqttLink:
 
     def publish_reply(self, topic: str, event: Event, correlation: Optional[bytes],
                       qos: int) -> int:  # fmt: skip
-        props = None
-        if self.v5 and correlation is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = correlation
+        props = publish_properties(correlation) if self.v5 else None
         info = self._client.publish(topic, protocol.encode(event)[:-1], qos, False, props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("MQTT could not queue a reply to %s: %s", topic, mqtt.error_string(info.rc))
         return info.mid
+
+    def publish_followup(self, topic: str, correlation: Optional[bytes], event: Event,
+                         on_acked: Callable[[], None]) -> None:  # fmt: skip
+        """A QoS 1 message outside any request (a cloud answer); `on_acked` once it is taken."""
+        mid = self.publish_reply(topic, event, correlation, 1)
+        self._on_puback[mid] = on_acked
+        self._final_topics[mid] = topic
 
     def _inbound(self, topic: str, payload: bytes, response_topic: Optional[str],
                  correlation: Optional[bytes], mid: int, qos: int, dup: bool) -> None:  # fmt: skip
@@ -395,7 +379,7 @@ class MqttLink:
         while len(self._recent) > RECENT_REQUESTS:
             self._recent.popitem(last=False)
         sink = MqttReplySink(self, reply_topic, correlation, delivery)
-        self.dispatcher.handle_decoded(obj, sink)
+        self.dispatcher.handle_decoded(obj, sink, via_deep_topic=topic == self.topics.ask_deep)
         if isinstance(obj, dict) and "op" in obj:
             self._ack(delivery)  # control ops are answered at once
 

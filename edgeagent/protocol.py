@@ -22,16 +22,18 @@ TOO_LONG = "too_long"
 TIMEOUT = "timeout"
 CANCELLED = "cancelled"
 INTERNAL = "internal"
-ERROR_CODES = (BAD_REQUEST, BUSY, TOO_LONG, TIMEOUT, CANCELLED, INTERNAL)
+CLOUD_ERROR = "cloud_error"  # the cloud model could not answer an escalation
+ERROR_CODES = (BAD_REQUEST, BUSY, TOO_LONG, TIMEOUT, CANCELLED, INTERNAL, CLOUD_ERROR)
 
 REQUEST_FIELDS = {
     "id", "messages", "prompt", "session", "max_tokens", "temperature", "stream", "deadline_ms",
-    "stop",
+    "stop", "escalate", "private",
 }  # fmt: skip
 OPS = {
     "status": {"op"},
     "cancel": {"op", "id"},
     "reset": {"op", "session"},
+    "result": {"op", "id"},
 }
 
 
@@ -53,6 +55,8 @@ class Request:
     stream: bool = True
     deadline_ms: Optional[int] = None
     stop: tuple[str, ...] = ()
+    escalate: Optional[bool] = None  # True: ask the cloud model; False: never
+    private: bool = False  # never leaves the box (no escalation, whatever the rules say)
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ def _parse_op(obj: dict[str, Any]) -> Op:
             f"unknown field(s) for op {op}: {', '.join(sorted(unknown))}",
             request_id_of(obj),
         )
-    if op == "cancel":
+    if op in ("cancel", "result"):
         return Op(op, id=_check_id(obj))
     if op == "reset":
         return Op(op, session=_check_id(obj, "session"))
@@ -182,6 +186,12 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
         or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop)
     ):
         raise ProtocolError(BAD_REQUEST, "`stop` must be a list of up to 8 non-empty strings")
+    escalate = obj.get("escalate")
+    if escalate is not None and not isinstance(escalate, bool):
+        raise ProtocolError(BAD_REQUEST, "`escalate` must be true or false")
+    private = obj.get("private", False)
+    if not isinstance(private, bool):
+        raise ProtocolError(BAD_REQUEST, "`private` must be true or false")
     return Request(
         id=rid,
         messages=messages,
@@ -191,6 +201,8 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
         stream=stream,
         deadline_ms=deadline_ms,
         stop=tuple(stop),
+        escalate=escalate,
+        private=private,
     )
 
 

@@ -66,6 +66,10 @@ class ConnectionSink:
     def closed(self) -> bool:
         return self._closed or self._writer.is_closing()
 
+    @property
+    def reply_address(self) -> Optional[tuple[str, Optional[bytes]]]:
+        return None  # a terminal that reconnects asks with {"op": "result"}
+
     def send(self, event: Event) -> None:
         if self.closed:
             return

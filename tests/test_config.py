@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeagent import config
+from edgeagent._toml import tomllib
 
 
 def test_embedded_default_config_is_valid() -> None:
@@ -25,6 +26,23 @@ def test_embedded_default_config_is_valid() -> None:
 def test_example_config_is_valid() -> None:
     cfg = config.load(str(Path(__file__).parent.parent / "edgeagent.example.toml"))
     assert cfg.engine.queue_size == 16
+
+
+def test_example_config_shows_every_key() -> None:
+    path = Path(__file__).parent.parent / "edgeagent.example.toml"
+    raw = tomllib.loads(path.read_text())
+
+    def keys(table: dict[str, object], prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in table.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return out
+
+    commented = {"node_id", "model.path", "model.sha256", "cpu.sysfs_root"}
+    documented = {key for key, _, _ in config.describe_keys()}
+    assert documented - commented == keys(raw)
+    text = path.read_text()
+    assert all(f"# {k.split('.')[-1]} =" in text for k in commented - {"cpu.sysfs_root"})
 
 
 def test_values_are_read() -> None:

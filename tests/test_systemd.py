@@ -40,19 +40,20 @@ def test_units_verify(tmp_path: Path) -> None:
     units = installed_units(tmp_path)
     res = subprocess.run(
         ["systemd-analyze", "verify", str(units / "edgeagent.service"),
-         str(units / "edgeagent.socket")],
+         str(units / "edgeagent.socket"), str(units / "edgeagent-cloud-worker.service")],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     problems = [line for line in res.stderr.splitlines() if "edgeagent" in line]
     assert res.returncode == 0 and not problems, res.stderr
 
 
-def test_security_exposure_is_at_most_2() -> None:
+@pytest.mark.parametrize("unit", ["edgeagent.service", "edgeagent-cloud-worker.service"])
+def test_security_exposure_is_at_most_2(unit: str) -> None:
     res = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", str(UNITS / "edgeagent.service")],
+        ["systemd-analyze", "security", "--offline=yes", str(UNITS / unit)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    match = re.search(r"Overall exposure level for edgeagent.service: (\d+\.\d+)", res.stdout)
+    match = re.search(rf"Overall exposure level for {unit}: (\d+\.\d+)", res.stdout)
     assert match, res.stdout + res.stderr
     assert float(match.group(1)) <= 2.0, res.stdout
 

@@ -1,0 +1,427 @@
+"""Escalation to the cloud model: the link to the cloud broker, the spool, follow-up answers.
+
+The dispatcher decides what to escalate (policy.py) and hands it here. Every escalation is
+written to the spool (fsync'd) before it leaves the box; waiting escalations are sent in order
+whenever the link is up, which means the cloud broker is connected AND a cloud worker says it is
+online; the answer streams to the request still waiting for it, or, when nobody waits any more,
+goes out as a `cloud_answer` follow-up (MQTT reply topic, open terminal connection) and stays
+retrievable with `{"op": "result"}`. The escalation id makes duplicates harmless on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgeagent import spool as sp
+from edgeagent.config import Config
+from edgeagent.mqtt_client import connect_properties, new_client, publish_properties, read_secret
+from edgeagent.policy import Rules
+from edgeagent.spool import Entry, EscalationSpool
+from edgeagent.topics import CloudTopics
+
+if TYPE_CHECKING:
+    from edgeagent.dispatcher import ReplySink
+
+log = logging.getLogger("edgeagent.escalation")
+
+CLOUD_PASSWORD_CREDENTIAL = "cloud-password"  # noqa: S105 (a file name, not a secret)
+MAINTENANCE_INTERVAL_S = 30.0
+T = TypeVar("T")
+
+
+class CloudWaiter(Protocol):
+    """A request waiting for its escalation's answer, as it streams."""
+
+    def on_token(self, text: str) -> None: ...
+
+    def on_final(self, event: dict[str, Any]) -> None: ...
+
+
+class FollowupPublisher(Protocol):
+    def publish_followup(self, topic: str, correlation: Optional[bytes], event: dict[str, Any],
+                         on_acked: Callable[[], None]) -> None: ...  # fmt: skip
+
+
+class CloudLink:
+    """The edge's client on the cloud broker: sends escalations, receives answers and workers'
+    availability. paho's thread only hands over to the event loop."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        loop: asyncio.AbstractEventLoop,
+        on_change: Callable[[bool], None],
+        on_reply: Callable[[dict[str, Any], Optional[bytes]], None],
+    ) -> None:
+        self.cfg, self.loop, self.on_change, self.on_reply = cfg, loop, on_change, on_reply
+        c = cfg.cloud
+        self.topics = CloudTopics(c.topic_prefix)
+        self.reply_topic = self.topics.reply(cfg.node_id)
+        self.client_id = c.client_id or f"edgeagent-{cfg.node_id}-cloud"
+        self.connected = False
+        self.workers: dict[str, bool] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._client = new_client(
+            self.client_id,
+            username=c.username,
+            password=read_secret(c.password_file, CLOUD_PASSWORD_CREDENTIAL)
+            if c.username
+            else None,
+            tls=c.tls,
+            reconnect=(c.reconnect_min_s, c.reconnect_max_s),
+            logger=logging.getLogger("edgeagent.escalation.paho"),
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    @property
+    def up(self) -> bool:
+        return self.connected and any(self.workers.values())
+
+    def start(self) -> None:
+        c = self.cfg.cloud
+        self._client.connect_async(
+            c.host, c.port, c.keepalive, clean_start=False,
+            properties=connect_properties(c.session_expiry_s),
+        )  # fmt: skip
+        self._client.loop_start()
+        log.info("cloud link connecting to %s:%d as %s", c.host, c.port, self.client_id)
+
+    async def stop(self) -> None:
+        self._client.disconnect()
+        await self.loop.run_in_executor(None, self._client.loop_stop)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "up": self.up,
+            "connected": self.connected,
+            "broker": f"{self.cfg.cloud.host}:{self.cfg.cloud.port}",
+            "workers_online": sorted(w for w, online in self.workers.items() if online),
+            **dict(self.counters),
+        }
+
+    def publish_ask(self, esc_id: str, payload: dict[str, Any]) -> None:
+        props = publish_properties(esc_id.encode(), self.reply_topic)
+        self._client.publish(self.topics.ask, json.dumps(payload), 1, False, props)
+
+    def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        self.loop.call_soon_threadsafe(self._connected, rc)
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
+                       _p: Any) -> None:  # fmt: skip
+        self.loop.call_soon_threadsafe(self._disconnected, rc)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        self.loop.call_soon_threadsafe(self._message, msg.topic, bytes(msg.payload), correlation)
+
+    def _connected(self, rc: ReasonCode) -> None:
+        if rc.is_failure:
+            log.error("cloud broker refused the connection: %s", rc.getName())
+            self.counters["connect_refused"] += 1
+            return
+        self.connected = True
+        self._client.subscribe([(self.reply_topic, 1), (self.topics.worker_statuses, 1)])
+        log.info("cloud broker connected; waiting for a worker's status")
+        self.on_change(self.up)
+
+    def _disconnected(self, rc: ReasonCode) -> None:
+        if self.connected:
+            self.counters["disconnects"] += 1
+            log.warning("cloud broker connection lost (%s); reconnecting", rc.getName())
+        self.connected = False
+        self.workers.clear()  # their retained statuses come again after we resubscribe
+        self.on_change(False)
+
+    def _message(self, topic: str, payload: bytes, correlation: Optional[bytes]) -> None:
+        try:
+            obj = json.loads(payload) if payload else {}
+        except ValueError:
+            log.warning("cloud: ignoring a message on %s that is not JSON", topic)
+            return
+        if topic == self.reply_topic:
+            if isinstance(obj, dict):
+                self.on_reply(obj, correlation)
+            return
+        parts = topic.split("/")
+        if len(parts) >= 3 and parts[-1] == "status":
+            was = self.up
+            self.workers[parts[-2]] = isinstance(obj, dict) and obj.get("state") == "online"
+            if self.up != was:
+                log.info("cloud link %s (workers online: %s)", "up" if self.up else "down",
+                         ", ".join(self.status()["workers_online"]) or "none")  # fmt: skip
+                self.on_change(self.up)
+
+
+def default_spool_path() -> Path:
+    import os  # noqa: PLC0415
+
+    if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "escalations.sqlite"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edgeagent" / "escalations.sqlite"
+
+
+def followup_event(entry: Entry) -> dict[str, Any]:
+    """What a requester gets when an escalation ends after its request was answered."""
+    event: dict[str, Any] = {
+        "event": "cloud_answer",
+        "id": entry.request_id,
+        "escalation_id": entry.id,
+        "status": entry.state,
+        "escalation": entry.reason,
+    }
+    answer = entry.answer or {}
+    if entry.state == sp.ANSWERED:
+        event.update(
+            source="cloud",
+            text=answer.get("text", ""),
+            **{k: answer[k] for k in ("model", "finish_reason", "usage") if k in answer},
+        )
+    elif entry.state == sp.FAILED:
+        event["error"] = {"code": answer.get("code"), "message": answer.get("message")}
+    else:
+        event["error"] = {
+            "code": entry.state,
+            "message": {
+                sp.DROPPED: "dropped from a full spool before the cloud could answer",
+                sp.EXPIRED: "the cloud stayed unreachable longer than the spool keeps questions",
+                sp.CANCELLED: "cancelled by the requester",
+            }.get(entry.state, entry.state),
+        }
+    return event
+
+
+class Escalator:
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.cfg, self.loop = cfg, loop
+        self.rules = Rules.from_config(cfg.escalation)
+        e = cfg.escalation
+        self.spool = EscalationSpool(
+            Path(e.spool_path) if e.spool_path else default_spool_path(),
+            max_waiting=e.spool_max, max_age_s=e.spool_max_age_s, result_ttl_s=e.result_ttl_s,
+        )  # fmt: skip
+        # One thread owns the sqlite connection: fsyncs never block the event loop.
+        self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-spool")
+        self.link = CloudLink(cfg, loop, self._link_changed, self._reply)
+        self.followups: Optional[FollowupPublisher] = None  # the MQTT front end, when enabled
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.spool_counts: dict[str, int] = {}
+        self._inflight: set[str] = set()  # sent on the current link, not answered yet
+        self._waiters: dict[str, CloudWaiter] = {}
+        self._terminals: dict[str, ReplySink] = {}  # open connections waiting for a follow-up
+        self._pumping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def up(self) -> bool:
+        return self.link.up
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._maintain()
+        self.link.start()
+        self._spawn(self._maintenance())
+
+    async def redeliver(self) -> None:
+        """Outcomes that a crash or restart kept from their MQTT requesters go out again."""
+        for entry in await self._db(self.spool.undelivered):
+            self._deliver_followup(entry)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.link.stop()
+        await self._db(self.spool.close)
+        self._db_thread.shutdown()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "link": self.link.status(),
+            "in_flight": len(self._inflight),
+            "spool": self.spool_counts,
+            **dict(self.counters),
+        }
+
+    # --- for the dispatcher -------------------------------------------------------------------
+
+    async def record(
+        self,
+        esc_id: str,
+        request_id: str,
+        reason: dict[str, Any],
+        payload: dict[str, Any],
+        reply_address: Optional[tuple[str, Optional[bytes]]],
+    ) -> Entry:
+        """Store an escalation durably (or find it, when it was stored before) and return it."""
+        topic, correlation = reply_address or (None, None)
+        entry, created, dropped = await self._db(
+            self.spool.add, esc_id, request_id, reason, payload, topic, correlation
+        )
+        for old in dropped:
+            log.warning("spool full (%d): dropped escalation %s", self.cfg.escalation.spool_max,
+                        old.id)  # fmt: skip
+            self._deliver_followup(old)
+        if created:
+            self.counters["recorded"] += 1
+            self.pump()
+        return entry
+
+    def ask(self, entry: Entry, waiter: CloudWaiter) -> None:
+        """Send now (the link is up) and stream the answer to `waiter`."""
+        self._waiters[entry.id] = waiter
+        if entry.id not in self._inflight:
+            self._send(entry)
+
+    def detach(self, esc_id: str, sink: ReplySink) -> None:
+        """The request stops waiting (it was answered locally): the answer becomes a follow-up."""
+        self._waiters.pop(esc_id, None)
+        self.watch(esc_id, sink)
+
+    def watch(self, esc_id: str, sink: ReplySink) -> None:
+        """An open terminal connection gets the follow-up directly (MQTT has its reply topic)."""
+        if sink.reply_address is None:
+            self._terminals[esc_id] = sink
+
+    def cancel(self, esc_id: str) -> None:
+        self._waiters.pop(esc_id, None)
+        self._terminals.pop(esc_id, None)
+        self._spawn(self._db(self.spool.finish, esc_id, sp.CANCELLED))
+
+    async def result(self, key: str) -> dict[str, Any]:
+        """`{"op": "result"}`: an escalation's state and answer, by escalation or request id."""
+        entry = await self._db(self.spool.find, key)
+        if entry is None:
+            return {"event": "result", "id": key, "status": "unknown"}
+        event = followup_event(entry)
+        event.update(event="result", id=key, request_id=entry.request_id)
+        if entry.state == sp.WAITING:
+            event["status"] = "queued"
+        elif not entry.delivered:
+            await self._db(self.spool.mark_delivered, entry.id)
+        return event
+
+    def pump(self) -> None:
+        """Send waiting escalations, oldest first, keeping at most max_inflight on the link."""
+        if self.link.up and not self._pumping:
+            self._pumping = True
+            self._spawn(self._pump())
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        def call() -> T:
+            result = fn(*args)
+            if fn is not self.spool.close:
+                self.spool_counts = self.spool.counts()
+            return result
+
+        return await self.loop.run_in_executor(self._db_thread, call)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("escalation task failed", exc_info=task.exception())
+
+    async def _pump(self) -> None:
+        try:
+            window = self.cfg.escalation.max_inflight
+            while self.link.up and len(self._inflight) < window:
+                entries = await self._db(
+                    self.spool.waiting, window - len(self._inflight), frozenset(self._inflight)
+                )
+                if not entries:
+                    break
+                for entry in entries:
+                    if entry.id not in self._inflight:
+                        self._send(entry)
+        finally:
+            self._pumping = False
+
+    def _send(self, entry: Entry) -> None:
+        self._inflight.add(entry.id)
+        self.counters["sent"] += 1
+        self.link.publish_ask(entry.id, {**entry.payload, "escalation_id": entry.id})
+
+    def _link_changed(self, up: bool) -> None:
+        # A new link starts from the spool: what was sent before may never have arrived (a
+        # broker restarted without persistence). Sending again is harmless: duplicates of an
+        # escalation id are answered once by the worker and recorded once here.
+        self._inflight.clear()
+        if up:
+            self.pump()
+
+    def _reply(self, event: dict[str, Any], correlation: Optional[bytes]) -> None:
+        esc_id = event.get("escalation_id")
+        if not isinstance(esc_id, str):
+            esc_id = correlation.decode(errors="replace") if correlation else ""
+        kind = event.get("event")
+        if kind == "token":
+            waiter = self._waiters.get(esc_id)
+            if waiter is not None and isinstance(event.get("text"), str):
+                waiter.on_token(event["text"])
+        elif kind in ("done", "error"):
+            self._spawn(self._finished(esc_id, event))
+
+    async def _finished(self, esc_id: str, event: dict[str, Any]) -> None:
+        state = sp.ANSWERED if event["event"] == "done" else sp.FAILED
+        keep = ("text", "model", "finish_reason", "usage", "code", "message")
+        answer = {k: event[k] for k in keep if k in event}
+        changed = await self._db(self.spool.finish, esc_id, state, answer)
+        self._inflight.discard(esc_id)
+        self.pump()
+        if not changed:
+            self.counters["duplicate_answers"] += 1
+            log.info("escalation %s answered again; the first answer stands", esc_id)
+            return
+        self.counters[state] += 1
+        waiter = self._waiters.pop(esc_id, None)
+        if waiter is not None:
+            self._terminals.pop(esc_id, None)
+            waiter.on_final(event)
+            await self._db(self.spool.mark_delivered, esc_id)
+            return
+        entry = await self._db(self.spool.get, esc_id)
+        if entry is not None:
+            self._deliver_followup(entry)
+
+    def _deliver_followup(self, entry: Entry) -> None:
+        event = followup_event(entry)
+        sink = self._terminals.pop(entry.id, None)
+        if sink is not None and not sink.closed:
+            sink.send(event)
+            self._spawn(self._db(self.spool.mark_delivered, entry.id))
+        elif entry.reply_topic and self.followups is not None:
+            self.followups.publish_followup(
+                entry.reply_topic, entry.correlation, event,
+                lambda: self._spawn(self._db(self.spool.mark_delivered, entry.id)),
+            )  # fmt: skip
+        self.counters["followups"] += 1
+
+    async def _maintain(self) -> None:
+        for entry in await self._db(self.spool.expire):
+            log.warning("escalation %s expired in the spool", entry.id)
+            self._deliver_followup(entry)
+
+    async def _maintenance(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            await self._maintain()
+            self.pump()

@@ -1,0 +1,420 @@
+"""Escalation end to end: real local and cloud mosquitto brokers, a real OpenAI-compatible server
+(llama-cpp-python's `llama_cpp.server` serving the local model as the stand-in for Llama3-8B),
+the real `edgeagent cloud-worker` process and real daemons."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.conftest import Conn, Daemon, connect
+from tests.mqtt_helpers import Broker, Requester, free_port
+
+STAND_IN = "stand-in-llama3-8b"
+NODE = "esc-node"
+
+
+class Process:
+    """A background process with its log file, reaped by the fixture that starts it."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args, self.log_path = args, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Sniffer:
+    """Everything published on the cloud broker, to prove what left the box."""
+
+    def __init__(self, port: int) -> None:
+        self.payloads: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_connect = lambda c, *_: c.subscribe("#", 0)
+        self.client.on_message = lambda _c, _u, m: self.payloads.put((m.topic, bytes(m.payload)))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def seen(self) -> list[tuple[str, bytes]]:
+        out = []
+        while not self.payloads.empty():
+            out.append(self.payloads.get())
+        return out
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def stack(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Local broker, cloud broker, OpenAI-compatible server, cloud worker."""
+    work = tmp_path_factory.mktemp("cloud")
+    local = Broker(tmp_path_factory.mktemp("local-broker")).start()
+    cloud = Broker(tmp_path_factory.mktemp("cloud-broker")).start()
+    port = free_port()
+    server = Process(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file), "--host",
+         "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
+         "--model_alias", STAND_IN],
+        work / "llama-server.log",
+    ).start()  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, server.log()
+            assert server.proc is not None and server.proc.poll() is None, server.log()
+            time.sleep(0.2)
+    worker_cfg = work / "worker.toml"
+    worker_cfg.write_text(
+        f'[cloud]\nenabled = true\nhost = "127.0.0.1"\nport = {cloud.port}\nkeepalive = 2\n'
+        "reconnect_min_s = 1\nreconnect_max_s = 1\n"
+        f'[worker]\nworker_id = "w1"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
+        f'model = "{STAND_IN}"\nconcurrency = 1\ntoken_interval_ms = 0\nrequest_timeout_s = 60\n'
+    )
+    worker = Process(
+        [sys.executable, "-m", "edgeagent", "cloud-worker", "--config", str(worker_cfg)],
+        work / "worker.log",
+    ).start()
+    yield {"local": local, "cloud": cloud, "server": server, "worker": worker, "work": work}
+    worker.stop()
+    server.stop()
+    local.stop()
+    cloud.stop()
+
+
+def daemon_extra(stack: dict[str, Any], workdir_name: str, *, cloud_port: int | None = None,
+                 cloud_extra: str = "", **escalation: Any) -> str:  # fmt: skip
+    spool = stack["work"] / f"{workdir_name}.sqlite"
+    values: dict[str, Any] = {
+        "enabled": True, "keywords": ["torque spec"], "patterns": [r"\bE\d{3}\b"],
+        "min_prompt_tokens": 150, "timeout_s": 5.0, "redact": [[r"SN-\d{6}", "[serial]"]],
+        "spool_path": str(spool), "max_tokens": 8,
+    }  # fmt: skip
+    values.update(escalation)
+    return (
+        f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {stack["local"].port}\n'
+        "keepalive = 2\nreconnect_min_s = 1\nreconnect_max_s = 1\n"
+        f'[cloud]\nenabled = true\nhost = "127.0.0.1"\nport = {cloud_port or stack["cloud"].port}\n'
+        "keepalive = 2\nreconnect_min_s = 1\nreconnect_max_s = 1\n"
+        + cloud_extra
+        + "[escalation]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+    )
+
+
+def wait_link(daemon: Daemon, up: bool, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with connect(daemon.socket_path) as c:
+            status = c.op("status")
+        if status["escalation"]["link"]["up"] is up:
+            return
+        assert time.monotonic() < deadline, (status["escalation"], daemon.log())
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def edge(stack: dict[str, Any], daemon_factory: Callable[..., Daemon]) -> Daemon:
+    d = daemon_factory(node_id=NODE, extra=daemon_extra(stack, "edge"))
+    wait_link(d, True)
+    return d
+
+
+@pytest.fixture
+def sniffer(stack: dict[str, Any]) -> Iterator[Sniffer]:
+    s = Sniffer(stack["cloud"].port)
+    time.sleep(0.3)  # subscribed before the test publishes
+    yield s
+    s.close()
+
+
+def ask(conn: Conn, rid: str, prompt: str, **fields: Any) -> list[dict[str, Any]]:
+    conn.send({"id": rid, "prompt": prompt, "max_tokens": 8, **fields})
+    return conn.until_final(rid)
+
+
+def assert_cloud_answer(events: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+    done = events[-1]
+    assert done["event"] == "done", events
+    assert done["source"] == "cloud" and done["model"] == STAND_IN, done
+    assert done["escalation"]["reason"] == reason and done["escalation"]["status"] == "answered"
+    assert done["text"].strip()
+    assert "".join(e["text"] for e in events if e["event"] == "token") == done["text"]
+    return done
+
+
+def test_explicit_flag_streams_the_cloud_answer(edge: Daemon, sniffer: Sniffer) -> None:
+    marker = uuid.uuid4().hex[:8]
+    with connect(edge.socket_path) as c:
+        events = ask(c, "flag", f"Name one metal. ({marker})", escalate=True)
+    done = assert_cloud_answer(events, "flag")
+    asked = [json.loads(p) for t, p in sniffer.seen() if t == "edgeagent-cloud/ask"]
+    mine = [a for a in asked if marker in json.dumps(a)]
+    assert len(mine) == 1 and mine[0]["escalation_id"] == done["escalation"]["id"]
+    assert mine[0]["node_id"] == NODE and mine[0]["reason"] == {"reason": "flag"}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reason"),
+    [
+        ("What is the torque spec for an M8 bolt?", "keyword"),
+        ("The press shows alarm E042. What now?", "pattern"),
+        ("Summarise this shift log: " + "Line 3 ran normally, no stops. " * 25, "prompt_tokens"),
+    ],
+)
+def test_each_rule_escalates(edge: Daemon, prompt: str, reason: str) -> None:
+    with connect(edge.socket_path) as c:
+        assert_cloud_answer(ask(c, reason, prompt), reason)
+
+
+def test_plain_question_is_answered_locally(edge: Daemon) -> None:
+    with connect(edge.socket_path) as c:
+        done = ask(c, "plain", "What is a PLC?")[-1]
+    assert done["source"] == "local" and "escalation" not in done
+
+
+def test_deep_topic_escalates_over_mqtt(stack: dict[str, Any], edge: Daemon) -> None:
+    r = Requester(stack["local"].port)
+    try:
+        question = {"id": "deep", "prompt": "Name a gas.", "max_tokens": 8}
+        r.publish(f"edgeagent/{NODE}/ask/deep", question, correlation=b"c-deep",
+                  response_topic=r.reply_topic)  # fmt: skip
+        events = r.finals({"deep"})["deep"]
+    finally:
+        r.close()
+    assert_cloud_answer(events, "topic")
+
+
+def test_private_and_opt_out_never_leave_the_box(edge: Daemon, sniffer: Sniffer) -> None:
+    marker = uuid.uuid4().hex[:8]
+    with connect(edge.socket_path) as c:
+        private = ask(c, "p1", f"torque spec of part {marker}?", escalate=True, private=True)
+        opt_out = ask(c, "p2", f"torque spec of part {marker}?", escalate=False)
+    for events in (private, opt_out):
+        assert events[-1]["source"] == "local" and "escalation" not in events[-1]
+    time.sleep(0.5)
+    assert not [t for t, p in sniffer.seen() if marker.encode() in p]
+
+
+def test_redacted_text_never_reaches_the_cloud_broker(edge: Daemon, sniffer: Sniffer) -> None:
+    with connect(edge.socket_path) as c:
+        done = assert_cloud_answer(
+            ask(c, "red", "Unit SN-123456 rattles. Is that bad?", escalate=True), "flag"
+        )
+    seen = sniffer.seen()
+    asked = [p for t, p in seen if t == "edgeagent-cloud/ask"]
+    assert any(done["escalation"]["id"].encode() in p and b"Unit [serial] rattles" in p
+               for p in asked)  # fmt: skip
+    assert not [t for t, p in seen if b"123456" in p]
+
+
+def test_cloud_timeout_answers_locally_then_follows_up(stack: dict[str, Any], edge: Daemon) -> None:
+    server = stack["server"].proc
+    server.send_signal(signal.SIGSTOP)  # the model server hangs
+    try:
+        with connect(edge.socket_path) as c:
+            c.send({"id": "slow", "prompt": "Name a colour.", "max_tokens": 8, "escalate": True})
+            done = c.until_final("slow")[-1]
+            assert done["event"] == "done" and done["source"] == "local", done
+            assert done["escalation"]["status"] == "timeout"
+            server.send_signal(signal.SIGCONT)
+            while True:  # the late cloud answer comes to the connection that is still open
+                event = c.read()
+                if event["event"] == "cloud_answer":
+                    break
+    finally:
+        server.send_signal(signal.SIGCONT)
+    assert event["id"] == "slow" and event["escalation_id"] == done["escalation"]["id"]
+    assert event["status"] == "answered" and event["model"] == STAND_IN and event["text"].strip()
+
+
+def test_offline_queue_then_cloud_answer_over_mqtt(stack: dict[str, Any], edge: Daemon) -> None:
+    cloud: Broker = stack["cloud"]
+    r = Requester(stack["local"].port)
+    try:
+        cloud.stop()
+        wait_link(edge, False)
+        r.publish(f"edgeagent/{NODE}/ask", {"id": "off", "prompt": "Name a tool.",
+                  "max_tokens": 8, "escalate": True}, correlation=b"corr-off",
+                  response_topic=r.reply_topic)  # fmt: skip
+        done = r.finals({"off"})["off"][-1]
+        assert done["source"] == "local" and done["escalation"]["status"] == "queued", done
+        esc_id = done["escalation"]["id"]
+        with connect(edge.socket_path) as c:
+            assert c.op("result", id=esc_id)["status"] == "queued"
+        cloud.start()
+        event, corr = r.next(timeout=90)
+        assert event["event"] == "cloud_answer" and corr == b"corr-off", event
+        assert event["id"] == "off" and event["escalation_id"] == esc_id
+        assert event["status"] == "answered" and event["text"].strip()
+        with connect(edge.socket_path) as c:
+            result = c.op("result", id="off")
+        assert result["status"] == "answered" and result["text"] == event["text"]
+        assert r.drain(2) == []  # answered once
+    finally:
+        r.close()
+        if cloud.proc is None or cloud.proc.poll() is not None:
+            cloud.start()
+
+
+def test_spooled_escalations_survive_kill_9_and_are_answered_once(
+    stack: dict[str, Any], daemon_factory: Callable[..., Daemon]
+) -> None:
+    cloud: Broker = stack["cloud"]
+    d = daemon_factory(node_id="esc-crash", extra=daemon_extra(stack, "crash"))
+    wait_link(d, True)
+    r = Requester(stack["local"].port)
+    ids = {f"k{i}" for i in range(3)}
+    try:
+        cloud.stop()
+        wait_link(d, False)
+        for rid in sorted(ids):
+            r.publish("edgeagent/esc-crash/ask", {"id": rid, "prompt": f"Name metal number {rid}.",
+                      "max_tokens": 8, "escalate": True}, response_topic=r.reply_topic)  # fmt: skip
+        finals = r.finals(ids)
+        assert all(f[-1]["escalation"]["status"] == "queued" for f in finals.values()), finals
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        cloud.start()
+        d.start()
+        answers: dict[str, list[dict[str, Any]]] = {rid: [] for rid in ids}
+        deadline = time.monotonic() + 120
+        while any(not a for a in answers.values()):
+            event, _ = r.next(timeout=max(0.1, deadline - time.monotonic()))
+            if event["event"] == "cloud_answer":
+                answers[event["id"]].append(event)
+        for event in r.drain(3):
+            if event["event"] == "cloud_answer":
+                answers[event["id"]].append(event)
+    finally:
+        r.close()
+        if cloud.proc is None or cloud.proc.poll() is not None:
+            cloud.start()
+    for rid, got in answers.items():
+        assert len(got) == 1, (rid, got)
+        assert got[0]["status"] == "answered" and got[0]["text"].strip()
+        assert got[0]["escalation_id"] == finals[rid][-1]["escalation"]["id"]
+
+
+def test_spool_bounds_drop_the_oldest_and_say_so(
+    stack: dict[str, Any], daemon_factory: Callable[..., Daemon]
+) -> None:
+    # The cloud broker of this daemon never answers: a port nothing listens on.
+    d = daemon_factory(
+        node_id="esc-bounds",
+        extra=daemon_extra(stack, "bounds", cloud_port=free_port(), spool_max=2, offline="queue"),
+    )
+    with connect(d.socket_path) as c:
+        finals, dropped = {}, []
+        for i in range(4):
+            c.send({"id": f"b{i}", "prompt": f"Question {i}?", "escalate": True})
+            while f"b{i}" not in finals:
+                event = c.read()
+                if event["event"] == "done":
+                    finals[event["id"]] = event
+                elif event["event"] == "cloud_answer":
+                    dropped.append(event)
+        for done in finals.values():
+            assert done["source"] == "queued" and done["text"] == ""
+            assert done["escalation"]["status"] == "queued"
+        while len(dropped) < 2:  # the open connection hears of the two dropped ones
+            event = c.read()
+            if event["event"] == "cloud_answer":
+                dropped.append(event)
+        assert [e["id"] for e in dropped] == ["b0", "b1"]
+        assert all(e["status"] == "dropped" and e["error"]["code"] == "dropped" for e in dropped)
+        status = c.op("status")["escalation"]
+        assert status["spool"]["waiting"] == 2 and status["spool"]["dropped_total"] == 2
+        assert c.op("result", id="b0")["status"] == "dropped"
+        assert c.op("result", id="b3")["status"] == "queued"
+
+
+def test_model_server_error_falls_back_to_the_local_answer(
+    stack: dict[str, Any], daemon_factory: Callable[..., Daemon]
+) -> None:
+    """A worker whose model server is down answers `cloud_error`; the edge answers locally."""
+    work: Path = stack["work"]
+    cfg = work / "broken-worker.toml"
+    cfg.write_text(
+        f'[cloud]\nenabled = true\nhost = "127.0.0.1"\nport = {stack["cloud"].port}\n'
+        'topic_prefix = "broken-cloud"\n'
+        f'[worker]\nworker_id = "w-broken"\nbase_url = "http://127.0.0.1:{free_port()}/v1"\n'
+    )
+    worker = Process(
+        [sys.executable, "-m", "edgeagent", "cloud-worker", "--config", str(cfg)],
+        work / "broken-worker.log",
+    ).start()
+    try:
+        extra = daemon_extra(stack, "broken", cloud_extra='topic_prefix = "broken-cloud"\n')
+        d = daemon_factory(node_id="esc-broken", extra=extra)
+        wait_link(d, True)
+        with connect(d.socket_path) as c:
+            done = ask(c, "err", "Name a metal.", escalate=True)[-1]
+            assert done["event"] == "done" and done["source"] == "local", done
+            assert done["escalation"]["status"] == "cloud_error"
+            assert "model server failed" in done["escalation"]["message"]
+            assert c.op("result", id="err")["status"] == "failed"
+    finally:
+        worker.stop()
+
+
+def test_unsure_local_answer_gets_a_cloud_second_opinion(
+    stack: dict[str, Any], daemon_factory: Callable[..., Daemon]
+) -> None:
+    # A mean log-probability is below 0 for any real answer: every answer counts as unsure
+    # here, except for requests that may not leave the box.
+    d = daemon_factory(
+        node_id="esc-unsure",
+        extra=daemon_extra(stack, "unsure", low_confidence=True, min_mean_logprob=0.0),
+    )
+    wait_link(d, True)
+    with connect(d.socket_path) as c:
+        local = ask(c, "u1", "Name a planet.")
+        done = local[-1]
+        assert done["source"] == "local" and done["text"].strip(), done
+        assert done["confidence"]["mean_logprob"] < 0
+        assert done["escalation"]["reason"] == "low_confidence"
+        assert done["escalation"]["status"] == "queued"
+        while True:
+            event = c.read()
+            if event["event"] == "cloud_answer":
+                break
+        assert event["id"] == "u1" and event["escalation_id"] == done["escalation"]["id"]
+        assert event["status"] == "answered" and event["model"] == STAND_IN
+        assert event["escalation"]["reason"] == "low_confidence"
+        kept = ask(c, "u2", "Name a planet.", private=True)[-1]
+        assert kept["source"] == "local" and "escalation" not in kept
