@@ -153,6 +153,18 @@ class Requester:
             if t == want:
                 return payload, corr
 
+    def wait_online(self, status_topic: str = "edgeagent/test-node/status",
+                    timeout: float = 30) -> None:  # fmt: skip
+        """Until a daemon's retained status says online: it publishes that right after
+        subscribing, so requests published from then on reach it."""
+        self.client.subscribe(status_topic, 1)
+        deadline = time.monotonic() + timeout
+        while True:
+            status, _ = self.next(timeout=max(0.01, deadline - time.monotonic()),
+                                  topic=status_topic)  # fmt: skip
+            if status.get("state") == "online":
+                return
+
     def finals(self, ids: set[str], timeout: float = 120) -> dict[str, list[dict[str, Any]]]:
         """Collect replies until every id has a final event; returns every event per id."""
         out: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}

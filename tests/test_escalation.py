@@ -209,6 +209,7 @@ def test_plain_question_is_answered_locally(edge: Daemon) -> None:
 def test_deep_topic_escalates_over_mqtt(stack: dict[str, Any], edge: Daemon) -> None:
     r = Requester(stack["local"].port)
     try:
+        r.wait_online(f"edgeagent/{NODE}/status")
         question = {"id": "deep", "prompt": "Name a gas.", "max_tokens": 8}
         r.publish(f"edgeagent/{NODE}/ask/deep", question, correlation=b"c-deep",
                   response_topic=r.reply_topic)  # fmt: skip
@@ -265,6 +266,7 @@ def test_offline_queue_then_cloud_answer_over_mqtt(stack: dict[str, Any], edge: 
     cloud: Broker = stack["cloud"]
     r = Requester(stack["local"].port)
     try:
+        r.wait_online(f"edgeagent/{NODE}/status")
         cloud.stop()
         wait_link(edge, False)
         r.publish(f"edgeagent/{NODE}/ask", {"id": "off", "prompt": "Name a tool.",
@@ -299,6 +301,7 @@ def test_spooled_escalations_survive_kill_9_and_are_answered_once(
     r = Requester(stack["local"].port)
     ids = {f"k{i}" for i in range(3)}
     try:
+        r.wait_online("edgeagent/esc-crash/status")
         cloud.stop()
         wait_link(d, False)
         for rid in sorted(ids):

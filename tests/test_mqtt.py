@@ -196,6 +196,7 @@ def test_broker_restart_mid_batch_loses_nothing_and_answers_once(
     d = daemon_factory(extra=mqtt_section(b, client_id="restart-node"))
     r = Requester(b.port, persistent=True)
     try:
+        r.wait_online()  # ready means the model is loaded; MQTT connects in the background
         ids = {f"b{i}" for i in range(8)}
         for rid in sorted(ids):
             r.publish(ASK.format(node="test-node"),
@@ -261,6 +262,7 @@ def test_username_password_and_acl_denial(
                                                client_id="auth-ok"))  # fmt: skip
         r = Requester(b.port, username="client", password="c1")
         try:
+            r.wait_online()
             r.publish(ASK.format(node="test-node"), {"id": "a1", "prompt": "Say OK.",
                       "max_tokens": 4}, response_topic=r.reply_topic)  # fmt: skip
             assert r.finals({"a1"})["a1"][-1]["event"] == "done"
@@ -291,6 +293,7 @@ def test_username_password_and_acl_denial(
                                                    client_id="auth-acl"))  # fmt: skip
         r = Requester(b.port, username="client", password="c1")
         try:
+            r.wait_online()
             r.publish(ASK.format(node="test-node"), {"id": "a2", "prompt": "Say OK.",
                       "max_tokens": 4}, response_topic=r.reply_topic)  # fmt: skip
             assert r.drain(3) == []  # nothing reaches the client ...
@@ -315,6 +318,7 @@ def test_request_taken_by_a_daemon_killed_mid_answer_is_answered_after_restart(
     d = daemon_factory(extra=mqtt_section(broker, client_id="crash-node", topic_prefix="crash"))
     r = Requester(broker.port)
     try:
+        r.wait_online("crash/test-node/status")
         r.publish("crash/test-node/ask", {"id": "k1", "prompt": "Describe a lathe in detail.",
                   "max_tokens": 120}, response_topic=r.reply_topic)  # fmt: skip
         first, _ = r.next()
