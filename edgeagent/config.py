@@ -351,36 +351,27 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(f"{src}: model.sha256: expected 64 lowercase hex digits")
     if cfg.model.sha256 and not cfg.model.path:
         problems.append(f"{src}: model.sha256: only meaningful with model.path")
-    m = cfg.mqtt
-    if not re.fullmatch(r"[^+#$/][^+#]*", m.topic_prefix) or m.topic_prefix.endswith("/"):
-        problems.append(
-            f"{src}: mqtt.topic_prefix: {m.topic_prefix!r} must be a topic without wildcards, "
-            "not starting with '$' or '/', not ending with '/'"
-        )
+    m, c = cfg.mqtt, cfg.cloud
     if m.shared_group and not re.fullmatch(r"[^+#/]+", m.shared_group):
         problems.append(f"{src}: mqtt.shared_group: must not contain '/', '+' or '#'")
-    if m.reconnect_max_s < m.reconnect_min_s:
-        problems.append(f"{src}: mqtt.reconnect_max_s: below mqtt.reconnect_min_s")
-    if (m.tls.cert_file == "") != (m.tls.key_file == ""):
-        problems.append(f"{src}: mqtt.tls: cert_file and key_file go together")
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(m.tls, key)
-        if m.enabled and value and not Path(value).is_file():
-            problems.append(f"{src}: mqtt.tls.{key}: {value} is not a readable file")
-    if m.enabled and m.password_file and not Path(m.password_file).is_file():
-        problems.append(f"{src}: mqtt.password_file: {m.password_file} is not a readable file")
-    c = cfg.cloud
-    if not re.fullmatch(r"[^+#$/][^+#]*", c.topic_prefix) or c.topic_prefix.endswith("/"):
-        problems.append(
-            f"{src}: cloud.topic_prefix: {c.topic_prefix!r} must be a topic without wildcards, "
-            "not starting with '$' or '/', not ending with '/'"
-        )
-    if c.reconnect_max_s < c.reconnect_min_s:
-        problems.append(f"{src}: cloud.reconnect_max_s: below cloud.reconnect_min_s")
-    if (c.tls.cert_file == "") != (c.tls.key_file == ""):
-        problems.append(f"{src}: cloud.tls: cert_file and key_file go together")
-    if c.enabled and c.password_file and not Path(c.password_file).is_file():
-        problems.append(f"{src}: cloud.password_file: {c.password_file} is not a readable file")
+    for name, b in (("mqtt", m), ("cloud", c)):  # the two brokers' connection settings
+        if not re.fullmatch(r"[^+#$/][^+#]*", b.topic_prefix) or b.topic_prefix.endswith("/"):
+            problems.append(
+                f"{src}: {name}.topic_prefix: {b.topic_prefix!r} must be a topic without "
+                "wildcards, not starting with '$' or '/', not ending with '/'"
+            )
+        if b.reconnect_max_s < b.reconnect_min_s:
+            problems.append(f"{src}: {name}.reconnect_max_s: below {name}.reconnect_min_s")
+        if (b.tls.cert_file == "") != (b.tls.key_file == ""):
+            problems.append(f"{src}: {name}.tls: cert_file and key_file go together")
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(b.tls, key)
+            if b.enabled and value and not Path(value).is_file():
+                problems.append(f"{src}: {name}.tls.{key}: {value} is not a readable file")
+        if b.enabled and b.password_file and not Path(b.password_file).is_file():
+            problems.append(
+                f"{src}: {name}.password_file: {b.password_file} is not a readable file"
+            )
     if cfg.escalation.enabled and not c.enabled:
         problems.append(
             f"{src}: escalation.enabled: needs the cloud broker: set [cloud] enabled = true"
