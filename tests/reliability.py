@@ -1,0 +1,59 @@
+"""What the fault, fuzz and security tests record, so docs/reliability.md is built from real runs.
+
+Each scenario calls `record(...)` once it has asserted its outcome; the rows go to
+`run/reliability/<scenario>.json` (or $EDGEAGENT_RELIABILITY_DIR), and
+`scripts/reliability_report.py` turns them into the table in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("EDGEAGENT_RELIABILITY_DIR", ROOT / "run" / "reliability"))
+
+
+def record(
+    scenario: str,
+    *,
+    category: str,
+    load: str,
+    faults: str,
+    inputs: str,
+    accepted: int,
+    answered: int,
+    lost: int,
+    duplicated: int,
+    figures: dict[str, Any] | None = None,
+) -> None:
+    """Store one scenario's outcome: what was done to the daemon and what came back.
+
+    `accepted` counts requests the daemon took on (not refused with busy); `answered` those
+    that got their one final event; `lost` and `duplicated` are what the test measured, never
+    assumed (a test asserts them to be zero before recording).
+    """
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    row = {
+        "scenario": scenario,
+        "category": category,
+        "load": load,
+        "faults": faults,
+        "inputs": inputs,
+        "accepted": accepted,
+        "answered": answered,
+        "lost": lost,
+        "duplicated": duplicated,
+        "figures": figures or {},
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", scenario)
+    (out / f"{name}.json").write_text(json.dumps(row, indent=1) + "\n")
