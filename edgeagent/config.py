@@ -53,6 +53,25 @@ class EngineConfig:
         doc="a request making no progress this long counts as a hang: the watchdog stops",
     )  # fmt: skip
     drain_timeout_s: float = _f(10.0, lo=0.0, hi=3600.0, doc="on SIGTERM, time to finish")
+    parallel: int = _f(
+        0, lo=0, hi=64,
+        doc="requests decoded together, each with model.n_ctx cells; 0: from threads and n_ctx",
+    )  # fmt: skip
+    max_slots_per_client: int = _f(
+        0, lo=0, hi=64, doc="slots one connection or MQTT reply topic may hold; 0: all but one"
+    )
+    prefill_chunk: int = _f(
+        128, lo=1, hi=8192,
+        doc="prompt tokens read per step while others stream (their longest stall)",
+    )  # fmt: skip
+    batch_invariant: bool = _f(
+        True, doc="same greedy output alone or batched (off: repacked kernels, a little faster)"
+    )
+    prefix_cache_dir: str = _f(
+        "", doc='system-prompt snapshots; "" = $CACHE_DIRECTORY/prefix or ~/.cache, "off" = none'
+    )
+    prefix_cache_mb: int = _f(64, lo=0, hi=65536, doc="RAM for system-prompt snapshots")
+    prefix_cache_files: int = _f(16, lo=1, hi=10000, doc="snapshots kept on disk (newest)")
 
 
 Cores = Union[str, tuple[int, ...]]
@@ -77,6 +96,7 @@ class SocketConfig:
     mode: int = _f(0o660, lo=0, hi=0o777)
     max_line_bytes: int = _f(1 << 20, lo=1024, hi=64 << 20)
     max_inflight_per_conn: int = _f(32, lo=1, hi=10000)
+    priority: int = _f(1, lo=-100, hi=100, doc="for requests that set none; higher goes first")
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,7 @@ class MqttConfig:
     metrics_interval_s: float = _f(30.0, lo=1.0, hi=86400.0)
     max_payload_bytes: int = _f(1 << 20, lo=1024, hi=256 << 20)
     max_inflight_per_client: int = _f(32, lo=1, hi=10000, doc="per reply topic")
+    priority: int = _f(0, lo=-100, hi=100, doc="for requests that set none; higher goes first")
     reconnect_min_s: int = _f(1, lo=1, hi=3600)
     reconnect_max_s: int = _f(30, lo=1, hi=3600)
 
@@ -346,6 +367,11 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(
             f"{src}: model.max_tokens: {cfg.model.max_tokens} leaves no room for a prompt "
             f"in model.n_ctx = {cfg.model.n_ctx}"
+        )
+    if cfg.engine.parallel > cfg.model.n_batch:
+        problems.append(
+            f"{src}: engine.parallel: {cfg.engine.parallel} slots need model.n_batch >= "
+            f"{cfg.engine.parallel} (one token each per step); n_batch is {cfg.model.n_batch}"
         )
     if cfg.model.sha256 and not re.fullmatch(r"[0-9a-f]{64}", cfg.model.sha256):
         problems.append(f"{src}: model.sha256: expected 64 lowercase hex digits")

@@ -48,6 +48,10 @@ class ReplySink(Protocol):
         """How many requests this scope may have in flight at once."""
 
     @property
+    def priority(self) -> int:
+        """Priority of this transport's requests that set none (terminals before bulk jobs)."""
+
+    @property
     def closed(self) -> bool:
         """The client is gone: its events are dropped."""
 
@@ -268,7 +272,9 @@ class Dispatcher:
         def emit(event: Event) -> None:  # any thread
             self.loop.call_soon_threadsafe(self._deliver, entry, event)
 
-        job = Job(entry.request, emit, entry.deadline)
+        req, sink = entry.request, entry.sink
+        priority = sink.priority if req.priority is None else req.priority
+        job = Job(req, emit, entry.deadline, client=sink.scope, priority=priority)
         job.want_confidence = want_confidence
         try:
             self.engine.submit(job)
@@ -551,6 +557,7 @@ class Dispatcher:
             "queue_size": self.cfg.engine.queue_size,
             "in_flight": len(self._inflight),
             "generating": eng.busy,
+            "slots": eng.slots_status(),
             "sessions": len(eng.sessions),
             "session_kv_mb": round(eng.sessions.kv_bytes() / 1e6, 1),
             "uptime_s": round(time.monotonic() - stats.started, 1),

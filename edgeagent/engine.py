@@ -1,4 +1,10 @@
-"""The inference engine: one thread owns the Llama model, serves a bounded queue, streams tokens.
+"""The inference engine: one thread owns the model and decodes up to `parallel` requests at once.
+
+Requests wait in a bounded priority queue, join the running batch between decode steps
+(continuous batching) and leave it when done or cancelled. A newcomer's prompt is read in chunks
+so the streams already decoding stall for at most one chunk. Prompt prefixes are reused from the
+slot's own cells, a session's saved cells, or a snapshot of a system prompt (kept in RAM and on
+disk, so it survives restarts).
 
 Nothing here knows about sockets or MQTT. A Job carries a thread-safe `emit` callback; the
 engine calls it with `token` events and exactly one final `done` or `error` event, unless the
@@ -10,10 +16,14 @@ from __future__ import annotations
 
 import codecs
 import collections
-import ctypes
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,15 +31,12 @@ from typing import Any, Callable, Optional
 from edgeagent import protocol
 from edgeagent.config import Config
 from edgeagent.cpu import Placement, pin_current_thread
+from edgeagent.decoder import BatchDecoder, Slot, common_prefix
 from edgeagent.protocol import Request
 
 log = logging.getLogger("edgeagent.engine")
 
 Event = dict[str, Any]
-
-# Sampling defaults shared with llama-cpp-python's chat completion, so that a request and the
-# same request through raw llama-cpp-python sample the same way.
-TOP_K, TOP_P, MIN_P, REPEAT_PENALTY = 40, 0.95, 0.05, 1.0
 
 
 class EngineBusy(Exception):
@@ -43,10 +50,13 @@ class EngineStopped(Exception):
 class Job:
     """One request inside the engine. `emit` must be safe to call from any thread."""
 
-    def __init__(self, request: Request, emit: Callable[[Event], None], deadline: float) -> None:
+    def __init__(self, request: Request, emit: Callable[[Event], None], deadline: float,
+                 client: Hashable = None, priority: int = 0) -> None:  # fmt: skip
         self.request = request
         self.emit = emit
         self.deadline = deadline  # time.monotonic() value
+        self.client = client  # who asked: a socket connection, an MQTT reply topic
+        self.priority = priority  # higher is served first
         self.received = time.monotonic()
         self.stop_reason: Optional[str] = None  # protocol.CANCELLED or protocol.TIMEOUT
         self.want_confidence = False  # add the answer's mean token log-probability to `done`
@@ -139,15 +149,6 @@ def drop_oldest_turn(messages: list[dict[str, str]]) -> bool:
     return True
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class _StopMatcher:
     """Holds back text that may be the start of a stop string, cuts at a full match."""
 
@@ -187,6 +188,171 @@ class _StopMatcher:
         return out
 
 
+def auto_parallel(threads: int, n_ctx: int) -> int:
+    """Slots when the config says 0: two per inference thread, at most 8, and at most 16k
+    KV cells in all (about 200 MB for a 0.5B model), at least one."""
+    slots = min(8, max(2, 2 * threads))
+    while slots > 1 and slots * n_ctx > 16384:
+        slots -= 1
+    return slots
+
+
+def default_prefix_dir() -> Path:
+    base = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    if base:
+        return Path(base) / "prefix"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeagent" / "prefix"
+
+
+@dataclass
+class _Prefix:
+    """The KV cells of a prompt's fixed start (its system part), ready to load into a slot."""
+
+    tokens: list[int]
+    state: bytes
+    origin: str  # "computed", "disk"
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class PrefixStore:
+    """System-prompt snapshots: in RAM under a byte budget, on disk keyed by model + tokens.
+
+    A file holds a JSON header line (model sha256, n_ctx, tokens) and the raw sequence state;
+    it is written to a temporary name and renamed, so a crash leaves no half file behind.
+    """
+
+    MIN_TOKENS = 16
+
+    def __init__(self, directory: Optional[Path], model_sha256: str, n_ctx: int,
+                 budget: int, max_files: int) -> None:  # fmt: skip
+        self.dir, self.model_sha256, self.n_ctx = directory, model_sha256, n_ctx
+        self.budget, self.max_files = budget, max_files
+        self._items: dict[tuple[int, ...], _Prefix] = {}
+        self._writers: list[threading.Thread] = []
+        self.hits = collections.Counter[str]()
+
+    def key(self, tokens: list[int]) -> str:
+        h = hashlib.sha256(f"{self.model_sha256}:{self.n_ctx}:".encode())
+        h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+        return h.hexdigest()[:32]
+
+    def get(self, tokens: list[int]) -> Optional[_Prefix]:
+        """The snapshot for exactly these tokens, from RAM or else from disk."""
+        item = self._items.get(tuple(tokens))
+        if item is None:
+            item = self._read(tokens)
+            if item is not None:
+                self._keep(item)
+        if item is not None:
+            item.last_used = time.monotonic()
+        return item
+
+    def add(self, tokens: list[int], state: bytes) -> None:
+        item = _Prefix(list(tokens), state, "computed")
+        if self._keep(item) and self.dir is not None:
+            writer = threading.Thread(target=self._write, args=(item,), name="prefix-writer")
+            writer.start()
+            self._writers = [w for w in self._writers if w.is_alive()] + [writer]
+
+    def flush(self, timeout: float = 10.0) -> None:
+        for writer in self._writers:
+            writer.join(timeout)
+
+    def bytes(self) -> int:
+        return sum(len(p.state) for p in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _keep(self, item: _Prefix) -> bool:
+        if len(item.state) > self.budget:
+            return False
+        self._items[tuple(item.tokens)] = item
+        total = self.bytes()
+        for other in sorted(self._items.values(), key=lambda p: p.last_used):
+            if total <= self.budget:
+                break
+            if other is not item:
+                total -= len(other.state)
+                del self._items[tuple(other.tokens)]
+        return True
+
+    def _read(self, tokens: list[int]) -> Optional[_Prefix]:
+        if self.dir is None:
+            return None
+        path = self.dir / f"{self.key(tokens)}.kv"
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.readline())
+                state = f.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring prefix snapshot %s: %s", path, exc)
+            return None
+        if (
+            header.get("model_sha256") != self.model_sha256
+            or header.get("n_ctx") != self.n_ctx
+            or header.get("tokens") != tokens
+            or header.get("bytes") != len(state)
+        ):
+            log.warning("ignoring prefix snapshot %s: it was made for something else", path)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # newest files survive pruning
+        return _Prefix(list(tokens), state, "disk")
+
+    def _write(self, item: _Prefix) -> None:
+        assert self.dir is not None
+        header = {
+            "model_sha256": self.model_sha256,
+            "n_ctx": self.n_ctx,
+            "tokens": item.tokens,
+            "bytes": len(item.state),
+        }
+        path = self.dir / f"{self.key(item.tokens)}.kv"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(json.dumps(header).encode() + b"\n")
+                f.write(item.state)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            files = sorted(self.dir.glob("*.kv"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in files[self.max_files :]:
+                old.unlink(missing_ok=True)
+            log.info("saved a %d-token prompt prefix to %s", len(item.tokens), path)
+        except OSError as exc:
+            log.warning("cannot save prompt prefix to %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+@dataclass
+class _Active:
+    """A job holding a slot: its prompt, what it has produced, how it ends."""
+
+    job: Job
+    slot: Slot
+    prompt: list[int]
+    conv: Optional[_Conversation]
+    max_tokens: int
+    started: float
+    cached: int  # prompt tokens whose cells were reused
+    cache: str  # where they came from: slot, session, prefix, none
+    prefix_end: int  # prompt tokens that make the system prefix (snapshot when reached)
+    utf8: Any  # incremental UTF-8 decoder
+    matcher: _StopMatcher
+    completion: list[int] = field(default_factory=list)
+    next_token: Optional[int] = None  # sampled, not yet evaluated
+    logprob_sum: float = 0.0
+    first_at: Optional[float] = None
+    prefill_s: float = 0.0
+    peak_batch: int = 0  # most sequences in one decode step this job took part in
+
+
 class Engine:
     """Owns the model on one inference thread; `submit` and `cancel` may be called anywhere."""
 
@@ -194,6 +360,7 @@ class Engine:
         self.cfg = cfg
         self.model_file, self.model_name, self.model_sha256 = model_file, model_name, model_sha256
         self.n_threads = 0
+        self.parallel = 0
         self.placement: Optional[Placement] = None
         self.load_s = 0.0
         self.sessions = SessionStore(
@@ -202,16 +369,27 @@ class Engine:
             idle_s=cfg.engine.session_idle_s,
             kv_budget=cfg.engine.session_cache_mb << 20,
         )
-        self._queue: collections.deque[Job] = collections.deque()
+        where = cfg.engine.prefix_cache_dir
+        prefix_dir = None if where == "off" else Path(where) if where else default_prefix_dir()
+        self.prefixes = PrefixStore(
+            prefix_dir,
+            model_sha256, cfg.model.n_ctx, cfg.engine.prefix_cache_mb << 20,
+            cfg.engine.prefix_cache_files,
+        )  # fmt: skip
+        self._queue: list[Job] = []
         self._cond = threading.Condition()
-        self._running: Optional[Job] = None
+        self._active: dict[int, _Active] = {}  # by slot sequence id
+        self._per_client: collections.Counter[Hashable] = collections.Counter()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._loaded = threading.Event()
         self._load_error: Optional[BaseException] = None
-        self._llm: Any = None
+        self._dec: Optional[BatchDecoder] = None
         self._formatter: Any = None
+        self._prefix_ends: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        self._slot_used: dict[int, float] = {}
         self.last_progress = time.monotonic()  # for liveness: moves while the engine works
+        self.system_prefix: Optional[dict[str, Any]] = None  # the configured prompt's snapshot
 
     # --- control, any thread --------------------------------------------------------------
 
@@ -219,6 +397,9 @@ class Engine:
         """Load the model on the inference thread; return once it is ready or raise."""
         self.placement = placement
         self.n_threads = placement.threads
+        self.parallel = self.cfg.engine.parallel or auto_parallel(
+            self.n_threads, self.cfg.model.n_ctx
+        )
         self._thread = threading.Thread(target=self._main, name="inference", daemon=True)
         self._thread.start()
         self._loaded.wait()
@@ -246,7 +427,8 @@ class Engine:
             return True
 
     def stop(self, timeout: float = 10.0) -> list[Job]:
-        """Stop taking work; return the jobs still queued (the caller answers them)."""
+        """Stop taking work; running jobs end `cancelled`; return the queued ones (the
+        caller answers them)."""
         with self._cond:
             self._stopping = True
             left = list(self._queue)
@@ -254,6 +436,7 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.prefixes.flush()
         return left
 
     @property
@@ -262,102 +445,44 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        return bool(self._active)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
 
     def stalled_for(self) -> float:
-        """Seconds the running request has made no progress (0 when idle)."""
-        if self._running is None:
+        """Seconds the running requests have made no progress (0 when idle)."""
+        if not self._active:
             return 0.0
         return max(0.0, time.monotonic() - self.last_progress)
 
-    # --- inference thread -----------------------------------------------------------------
+    def slots_status(self) -> dict[str, Any]:
+        return {
+            "parallel": self.parallel,
+            "active": len(self._active),
+            "max_per_client": self._client_cap(),
+            "prefix_snapshots": len(self.prefixes),
+            "prefix_mb": round(self.prefixes.bytes() / 1e6, 1),
+            "prefix_hits": dict(self.prefixes.hits),
+            **({"system_prefix": self.system_prefix} if self.system_prefix else {}),
+        }
 
-    def _main(self) -> None:
-        try:
-            if self.placement is not None:
-                # Before the model exists: llama.cpp's worker threads inherit this affinity.
-                pin_current_thread(self.placement.inference, "ea-inference")
-            self._load()
-        except BaseException as exc:
-            self._load_error = exc
-            self._loaded.set()
-            return
-        self._loaded.set()
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                job = self._queue.popleft()
-                self.last_progress = time.monotonic()
-                self._running = job
-            try:
-                self._run(job)
-            except Exception as exc:
-                log.exception("request %s failed", job.request.id)
-                job.emit(protocol.error_event(job.request.id, protocol.INTERNAL, str(exc)))
-            finally:
-                self._running = None
-                self.last_progress = time.monotonic()
+    def _client_cap(self) -> int:
+        cap = self.cfg.engine.max_slots_per_client
+        return cap if cap else max(1, self.parallel - 1)
 
-    def _load(self) -> None:
-        from llama_cpp import Llama  # noqa: PLC0415 (heavy import, only where the model lives)
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: PLC0415
-
-        t0 = time.monotonic()
-        m = self.cfg.model
-        self._llm = Llama(
-            model_path=str(self.model_file),
-            n_ctx=m.n_ctx,
-            n_batch=m.n_batch,
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads,
-            verbose=False,
-        )
-        llm = self._llm
-        template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise RuntimeError(f"{self.model_file} has no chat template in its metadata")
-        eos, bos = llm.token_eos(), llm.token_bos()
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
-        )
-        # One decode now starts llama.cpp's worker threads (pinned like this one) and pages
-        # the weights in, so the first request is as fast as the next ones.
-        llm.eval([bos if bos != -1 else eos])
-        llm.reset()
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        self.load_s = time.monotonic() - t0
-        log.info(
-            "model %s loaded in %.2f s (n_ctx %d, %d threads)",
-            self.model_name, self.load_s, m.n_ctx, self.n_threads,
-        )  # fmt: skip
+    # --- helpers safe beside decoding -------------------------------------------------------
 
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        assert self._dec is not None
         result = self._formatter(messages=messages)
-        tokens: list[int] = self._llm.tokenize(
-            result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
-        )
-        return tokens
-
-    def _token_logprob(self, token: int) -> float:
-        """log p(token) under the model's raw distribution at the position just sampled."""
-        import llama_cpp  # noqa: PLC0415
-        import numpy as np  # noqa: PLC0415
-
-        n_vocab = self._llm.n_vocab()
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self._llm.ctx, -1), shape=(n_vocab,)
-        )
-        top = float(logits.max())
-        return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+        return self._dec.tokenize(result.prompt, special=True, add_bos=not result.added_special)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` (the vocabulary is read-only: safe beside a running generation)."""
-        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        assert self._dec is not None
+        return len(self._dec.tokenize(text, special=False))
 
     def history(self, session: Optional[str]) -> list[dict[str, str]]:
         """The conversation so far (for a request answered elsewhere, e.g. by the cloud)."""
@@ -372,37 +497,135 @@ class Engine:
             conv = self.sessions.get(session)
             self.sessions.commit(conv, [*messages, {"role": "assistant", "content": answer}])
 
-    def _is_eog(self, token: int) -> bool:
-        import llama_cpp  # noqa: PLC0415
+    # --- inference thread -----------------------------------------------------------------
 
-        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+    def _main(self) -> None:
+        try:
+            if self.placement is not None:
+                # Before the model exists: llama.cpp's worker threads inherit this affinity.
+                pin_current_thread(self.placement.inference, "ea-inference")
+            self._load()
+        except BaseException as exc:
+            self._load_error = exc
+            self._loaded.set()
+            return
+        self._loaded.set()
+        try:
+            self._serve()
+        finally:
+            self._dec.close() if self._dec is not None else None
 
-    def _save_kv(self) -> tuple[list[int], bytes]:
-        import llama_cpp  # noqa: PLC0415
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    for active in self._active.values():
+                        active.job.stop_reason = active.job.stop_reason or protocol.CANCELLED
+                    if not self._active:
+                        return
+                starting = self._admit()
+            for job in starting:
+                self._start(job)
+            if self._active:
+                self._compact()
+                self._step()
 
-        ctx = self._llm.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
-        return self._llm._input_ids.tolist(), bytes(buf[:n])
+    def _admit(self) -> list[Job]:
+        """Take queued jobs into free slots: highest priority first, oldest first within a
+        priority, skipping clients at their slot cap. Called with the lock held."""
+        free = self.parallel - len(self._active)
+        cap = self._client_cap()
+        taken: list[Job] = []
+        counts = collections.Counter(self._per_client)
+        for job in sorted(self._queue, key=lambda j: (-j.priority, j.received)):
+            if free <= 0:
+                break
+            if counts[job.client] >= cap and job.client is not None:
+                continue
+            counts[job.client] += 1
+            taken.append(job)
+            free -= 1
+        for job in taken:
+            self._queue.remove(job)
+        return taken
 
-    def _load_kv(self, tokens: list[int], state: bytes) -> bool:
-        import llama_cpp  # noqa: PLC0415
+    def _load(self) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: PLC0415
 
-        llm = self._llm
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(llm.ctx, buf, len(state), 0) != len(state):
-            llm.n_tokens = 0
-            return False
-        llm.input_ids[: len(tokens)] = tokens
-        llm.n_tokens = len(tokens)
-        llm._requires_eval = True
-        return True
+        t0 = time.monotonic()
+        m = self.cfg.model
+        self._dec = dec = BatchDecoder(
+            self.model_file, n_ctx=m.n_ctx, n_slots=self.parallel, n_batch=m.n_batch,
+            n_threads=self.n_threads, batch_invariant=self.cfg.engine.batch_invariant,
+        )  # fmt: skip
+        meta = dec.model.metadata()
+        template = meta.get("tokenizer.chat_template")
+        if not template:
+            raise RuntimeError(f"{self.model_file} has no chat template in its metadata")
+        eos, bos = dec.model.token_eos(), dec.model.token_bos()
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=dec.model.token_get_text(eos) if eos != -1 else "",
+            bos_token=dec.model.token_get_text(bos) if bos != -1 else "",
+        )
+        # One decode now starts llama.cpp's worker threads (pinned like this one) and pages
+        # the weights in, so the first request is as fast as the next ones.
+        slot = dec.slots[0]
+        dec.step([(slot, [bos if bos != -1 else eos], True)])
+        dec.clear(slot)
+        self.load_s = time.monotonic() - t0
+        log.info(
+            "model %s loaded in %.2f s (n_ctx %d per slot, %d slots, %d threads)",
+            self.model_name, self.load_s, m.n_ctx, self.parallel, self.n_threads,
+        )  # fmt: skip
+        if m.system_prompt:
+            self._prepare_system_prompt(m.system_prompt)
+
+    def _prepare_system_prompt(self, text: str) -> None:
+        """Load the configured system prompt's cells from disk, or compute and save them."""
+        assert self._dec is not None
+        t0 = time.monotonic()
+        tokens = self._prefix_tokens([{"role": "system", "content": text}])
+        if len(tokens) < PrefixStore.MIN_TOKENS:
+            return
+        item = self.prefixes.get(tokens)
+        if item is None:
+            slot = self._dec.slots[0]
+            self._dec.clear(slot)
+            for i in range(0, len(tokens), self.cfg.model.n_batch):
+                self._dec.step([(slot, tokens[i : i + self.cfg.model.n_batch], False)])
+            self.prefixes.add(tokens, self._dec.save(slot))
+            origin = "computed"
+        else:
+            origin = item.origin
+        self.system_prefix = {
+            "tokens": len(tokens),
+            "origin": origin,
+            "ms": round((time.monotonic() - t0) * 1000, 1),
+        }
+        log.info("system prompt: %d tokens, %s in %.0f ms", len(tokens), origin,
+                 self.system_prefix["ms"])  # fmt: skip
+
+    def _prefix_tokens(self, lead: list[dict[str, str]]) -> list[int]:
+        """The tokens every prompt starting with `lead` (a system message, or nothing)
+        begins with, under the model's chat template. Cached per system text."""
+        key = lead[0]["content"] if lead else ""
+        found = self._prefix_ends.get(key)
+        if found is None:
+            a = self.tokenize_chat([*lead, {"role": "user", "content": "a"}])
+            b = self.tokenize_chat([*lead, {"role": "user", "content": "b"}])
+            found = a[: common_prefix(a, b)]
+            self._prefix_ends[key] = found
+            while len(self._prefix_ends) > 64:
+                self._prefix_ends.popitem(last=False)
+        self._prefix_ends.move_to_end(key)
+        return found
 
     def _build_prompt(
         self, job: Job, conv: Optional[_Conversation], max_tokens: int
-    ) -> Optional[list[int]]:
+    ) -> Optional[tuple[list[int], list[dict[str, str]]]]:
         """Chat messages → tokens, dropping the oldest session turns until the answer fits."""
         req, n_ctx = job.request, self.cfg.model.n_ctx
         history = list(conv.messages) if conv else []
@@ -411,7 +634,8 @@ class Engine:
         has_system = any(m["role"] == "system" for m in history + new)
         prefix = [{"role": "system", "content": system}] if system and not has_system else []
         while True:
-            tokens = self.tokenize_chat(prefix + history + new)
+            messages = prefix + history + new
+            tokens = self.tokenize_chat(messages)
             if len(tokens) + max_tokens <= n_ctx or not drop_oldest_turn(history):
                 break
         if len(tokens) >= n_ctx:
@@ -424,78 +648,197 @@ class Engine:
                 )
             )
             return None
-        return tokens
+        return tokens, messages
 
-    def _run(self, job: Job) -> None:
-        req, llm = job.request, self._llm
-        if job.should_stop():
-            job.emit(self._stopped_event(job, "", 0))
-            return
-        max_tokens = req.max_tokens or self.cfg.model.max_tokens
-        temperature = self.cfg.model.temperature if req.temperature is None else req.temperature
-        conv = (
-            self.sessions.get(req.session) if req.session and self.sessions.max_sessions else None
-        )
-        started = time.monotonic()
-        tokens = self._build_prompt(job, conv, max_tokens)
-        if tokens is None:
-            return
-        max_tokens = min(max_tokens, self.cfg.model.n_ctx - len(tokens))
-        current = llm._input_ids.tolist()
-        if conv and conv.kv_state is not None:
-            saved = common_prefix(conv.kv_tokens, tokens)
-            if saved > common_prefix(current, tokens) and self._load_kv(
-                conv.kv_tokens, conv.kv_state
-            ):
-                current = conv.kv_tokens
-        reused = common_prefix(current, tokens)
-        cached = reused - 1 if reused == len(tokens) else reused  # generate() replays one
-
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = _StopMatcher(req.stop)
-        completion: list[int] = []
-        logprob_sum = 0.0
-        first_at: Optional[float] = None
-        finish = "length"
-        gen = llm.generate(
-            tokens, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, temp=temperature,
-            repeat_penalty=REPEAT_PENALTY,
-        )  # fmt: skip
+    def _start(self, job: Job) -> None:
+        """Give a job a slot, reusing the longest cached start of its prompt."""
+        req = job.request
         try:
-            for token in gen:
-                now = time.monotonic()
-                self.last_progress = now
-                if first_at is None:
-                    first_at = now
-                if self._is_eog(token):
-                    finish = "stop"
-                    break
-                completion.append(token)
-                if job.want_confidence:
-                    logprob_sum += self._token_logprob(token)
-                piece, hit = matcher.feed(decoder.decode(llm.detokenize([token])))
-                if piece and req.stream:
-                    job.emit(protocol.token_event(req.id, piece))
-                if hit:
-                    finish = "stop"
-                    break
-                if job.should_stop():
-                    job.emit(self._stopped_event(job, matcher.text, len(completion)))
-                    return
-                if len(completion) >= max_tokens:
-                    break
-        finally:
-            gen.close()
-        tail = matcher.feed(decoder.decode(b"", final=True))[0] + matcher.flush()
+            if job.should_stop():
+                job.emit(self._stopped_event(job, "", 0))
+                return
+            max_tokens = req.max_tokens or self.cfg.model.max_tokens
+            conv = (
+                self.sessions.get(req.session)
+                if req.session and self.sessions.max_sessions
+                else None
+            )
+            started = time.monotonic()
+            built = self._build_prompt(job, conv, max_tokens)
+            if built is None:
+                return
+            tokens, messages = built
+            dec = self._dec
+            assert dec is not None
+            max_tokens = min(max_tokens, self.cfg.model.n_ctx - len(tokens))
+            lead = messages[:1] if messages and messages[0]["role"] == "system" else []
+            prefix = self._prefix_tokens(lead)
+            prefix_end = len(prefix) if tokens[: len(prefix)] == prefix else 0
+            if prefix_end < PrefixStore.MIN_TOKENS:
+                prefix_end = 0
+
+            free = [s for s in dec.slots if s.seq not in self._active]
+            slot = max(
+                free,
+                key=lambda s: (common_prefix(s.cached, tokens), -self._slot_used.get(s.seq, 0)),
+            )
+            have, cache = common_prefix(slot.cached, tokens), "slot"
+            if conv is not None and conv.kv_state is not None:
+                saved = common_prefix(conv.kv_tokens, tokens)
+                if saved > have and dec.load(slot, conv.kv_tokens, conv.kv_state):
+                    have, cache = saved, "session"
+            if prefix_end and have < prefix_end:
+                item = self.prefixes.get(tokens[:prefix_end])
+                if item is not None and dec.load(slot, item.tokens, item.state):
+                    have, cache = prefix_end, f"prefix-{item.origin}"
+                    self.prefixes.hits[item.origin] += 1
+            kept = dec.reuse(slot, tokens)
+            if kept == 0:
+                cache = "none"
+            dec.set_sampler(
+                slot,
+                self.cfg.model.temperature if req.temperature is None else req.temperature,
+                seed=int.from_bytes(os.urandom(4), "little"),
+            )
+        except Exception as exc:
+            log.exception("request %s failed to start", req.id)
+            job.emit(protocol.error_event(req.id, protocol.INTERNAL, str(exc)))
+            return
+        self._slot_used[slot.seq] = time.monotonic()
+        self._active[slot.seq] = _Active(
+            job=job, slot=slot, prompt=tokens, conv=conv, max_tokens=max_tokens,
+            started=started, cached=kept, cache=cache,
+            prefix_end=prefix_end if kept < prefix_end else 0,
+            utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
+            matcher=_StopMatcher(req.stop),
+        )  # fmt: skip
+        with self._cond:
+            self._per_client[job.client] += 1
+
+    def _compact(self) -> None:
+        """Move running jobs to the lowest slots: llama.cpp evaluates the running streams in
+        one pass only when their sequence ids are consecutive, else one pass per run of ids.
+        The free slot's cells move the other way and stay a cache."""
+        dec = self._dec
+        assert dec is not None
+        while True:
+            top = max(self._active)
+            hole = next((s for s in dec.slots if s.seq not in self._active), None)
+            if hole is None or hole.seq > top:
+                return
+            a = self._active.pop(top)
+            try:
+                dec.swap(a.slot, hole)
+            except Exception as exc:
+                log.exception("could not move request %s to slot %d", a.job.request.id, hole.seq)
+                a.job.emit(protocol.error_event(a.job.request.id, protocol.INTERNAL, str(exc)))
+                dec.clear(a.slot)
+                dec.clear(hole)
+                self._active[top] = a
+                self._release(a)
+                continue
+            used = self._slot_used
+            used[top], used[hole.seq] = used.get(hole.seq, 0.0), used.get(top, 0.0)
+            a.slot = hole
+            self._active[hole.seq] = a
+
+    def _step(self) -> None:
+        """One llama_decode for every active slot: a token for each stream that is decoding,
+        and at most one prompt chunk (a whole batch when nothing is decoding)."""
+        assert self._dec is not None
+        for active in list(self._active.values()):
+            if active.job.should_stop():
+                active.job.emit(
+                    self._stopped_event(active.job, active.matcher.text, len(active.completion))
+                )  # fmt: skip
+                self._release(active)
+        if not self._active:
+            return
+        n_batch = self.cfg.model.n_batch
+        feeds: list[tuple[Slot, list[int], bool]] = []
+        decoding = [a for a in self._active.values() if a.next_token is not None]
+        for a in decoding:
+            assert a.next_token is not None
+            feeds.append((a.slot, [a.next_token], True))
+        budget = min(n_batch - len(feeds), self.cfg.engine.prefill_chunk if feeds else n_batch)
+        prefilling: list[tuple[_Active, int]] = []
+        for a in sorted(self._active.values(), key=lambda a: a.started):
+            if a.next_token is not None or budget <= 0:
+                continue
+            pending = a.slot.pending
+            take = min(len(pending), budget)
+            done_len = len(a.slot.cached)
+            if a.prefix_end and done_len < a.prefix_end < done_len + take:
+                take = a.prefix_end - done_len  # stop at the system prefix to snapshot it
+            feeds.append((a.slot, pending[:take], take == len(pending)))
+            prefilling.append((a, take))
+            budget -= take
+        for slot, _tokens, _want in feeds:
+            stepping = self._active[slot.seq]
+            stepping.peak_batch = max(stepping.peak_batch, len(feeds))
+        t0 = time.monotonic()
+        try:
+            self._dec.step(feeds)
+        except Exception as exc:
+            log.exception("decode step failed for %d slots", len(feeds))
+            for slot, _tokens, _want in feeds:
+                failed = self._active.get(slot.seq)
+                if failed is not None:
+                    failed.job.emit(
+                        protocol.error_event(failed.job.request.id, protocol.INTERNAL, str(exc))
+                    )
+                    self._dec.clear(slot)
+                    self._release(failed)
+            return
+        now = time.monotonic()
+        self.last_progress = now
+        for a, take in prefilling:
+            del a.slot.pending[:take]
+            a.prefill_s += now - t0
+            if a.prefix_end and len(a.slot.cached) == a.prefix_end:
+                self.prefixes.add(a.prompt[: a.prefix_end], self._dec.save(a.slot))
+                a.prefix_end = 0
+        for a in list(self._active.values()):
+            if a.slot.ready_to_sample:
+                self._advance(a, now)
+
+    def _advance(self, a: _Active, now: float) -> None:
+        """Sample the slot's next token and stream it, or finish the job."""
+        assert self._dec is not None
+        dec, job, req = self._dec, a.job, a.job.request
+        token = dec.sample(a.slot)
+        if a.first_at is None:
+            a.first_at = now
+        if dec.is_eog(token):
+            self._finish(a, "stop")
+            return
+        a.completion.append(token)
+        if job.want_confidence:
+            a.logprob_sum += dec.logprob(a.slot, token)
+        piece, hit = a.matcher.feed(a.utf8.decode(dec.piece(token)))
+        if piece and req.stream:
+            job.emit(protocol.token_event(req.id, piece))
+        if hit:
+            self._finish(a, "stop")
+        elif len(a.completion) >= a.max_tokens:
+            self._finish(a, "length")
+        else:
+            a.next_token = token
+
+    def _finish(self, a: _Active, finish: str) -> None:
+        assert self._dec is not None
+        job, req = a.job, a.job.request
+        tail = a.matcher.feed(a.utf8.decode(b"", final=True))[0] + a.matcher.flush()
         if tail and req.stream:
             job.emit(protocol.token_event(req.id, tail))
         end = time.monotonic()
-        first_at = first_at or end
+        first_at = a.first_at or end
         decode_s = end - first_at
-        text = matcher.text
-        if conv is not None:
+        text = a.matcher.text
+        n = len(a.completion)
+        if a.conv is not None:
             # Before `done`: a client that reacts to it (follow-up, reset) sees the new turn.
-            self.sessions.commit(conv, [*req.messages, {"role": "assistant", "content": text}])
+            self.sessions.commit(a.conv, [*req.messages, {"role": "assistant", "content": text}])
         job.emit(
             {
                 "event": "done",
@@ -507,29 +850,46 @@ class Engine:
                 "model": self.model_name,
                 **({"session": req.session} if req.session else {}),
                 **(
-                    {"confidence": {"mean_logprob": round(logprob_sum / len(completion), 3)}}
-                    if job.want_confidence and completion
+                    {"confidence": {"mean_logprob": round(a.logprob_sum / n, 3)}}
+                    if job.want_confidence and n
                     else {}
                 ),
                 "usage": {
-                    "prompt_tokens": len(tokens),
-                    "cached_tokens": cached,
-                    "completion_tokens": len(completion),
-                    "total_tokens": len(tokens) + len(completion),
+                    "prompt_tokens": len(a.prompt),
+                    "cached_tokens": a.cached,
+                    "evaluated_tokens": len(a.prompt) - a.cached,
+                    "cache": a.cache,
+                    "completion_tokens": n,
+                    "total_tokens": len(a.prompt) + n,
                 },
                 "timings": {
-                    "queue_ms": round((started - job.received) * 1000, 1),
+                    "queue_ms": round((a.started - job.received) * 1000, 1),
                     "ttft_ms": round((first_at - job.received) * 1000, 1),
-                    "prompt_ms": round((first_at - started) * 1000, 1),
+                    "prompt_ms": round((first_at - a.started) * 1000, 1),
                     "total_ms": round((end - job.received) * 1000, 1),
-                    "tokens_per_s": round((len(completion) - 1) / decode_s, 2)
-                    if len(completion) > 1 and decode_s > 0
+                    "tokens_per_s": round((n - 1) / decode_s, 2)
+                    if n > 1 and decode_s > 0
                     else None,
+                    "peak_batch": a.peak_batch,
                 },
             }
         )
-        if conv is not None and self.sessions.kv_budget:
-            self.sessions.store_kv(conv, *self._save_kv())  # after `done`: off the latency path
+        if a.conv is not None and self.sessions.kv_budget:
+            # After `done`, off the latency path. The last sampled token has no cells yet.
+            self.sessions.store_kv(a.conv, list(a.slot.cached), self._dec.save(a.slot))
+        self._release(a)
+
+    def _release(self, a: _Active) -> None:
+        """The slot is free again; its cells stay as a cache for a prompt that starts alike."""
+        self._active.pop(a.slot.seq, None)
+        a.slot.pending = []
+        a.slot.logits_at = -1
+        if self._dec is not None:
+            self._dec.set_sampler(a.slot, None)
+        with self._cond:
+            self._per_client[a.job.client] -= 1
+            if self._per_client[a.job.client] <= 0:
+                del self._per_client[a.job.client]
 
     @staticmethod
     def _stopped_event(job: Job, partial: str, n_tokens: int) -> Event:

@@ -74,6 +74,10 @@ class MqttReplySink:
         return self.link.cfg.mqtt.max_inflight_per_client
 
     @property
+    def priority(self) -> int:
+        return self.link.cfg.mqtt.priority
+
+    @property
     def closed(self) -> bool:
         return False
 

@@ -27,7 +27,7 @@ ERROR_CODES = (BAD_REQUEST, BUSY, TOO_LONG, TIMEOUT, CANCELLED, INTERNAL, CLOUD_
 
 REQUEST_FIELDS = {
     "id", "messages", "prompt", "session", "max_tokens", "temperature", "stream", "deadline_ms",
-    "stop", "escalate", "private",
+    "stop", "escalate", "private", "priority",
 }  # fmt: skip
 OPS = {
     "status": {"op"},
@@ -57,6 +57,7 @@ class Request:
     stop: tuple[str, ...] = ()
     escalate: Optional[bool] = None  # True: ask the cloud model; False: never
     private: bool = False  # never leaves the box (no escalation, whatever the rules say)
+    priority: Optional[int] = None  # higher is served first; None: the transport's default
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,9 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
     private = obj.get("private", False)
     if not isinstance(private, bool):
         raise ProtocolError(BAD_REQUEST, "`private` must be true or false")
+    priority = obj.get("priority")
+    if priority is not None and (not _is_int(priority) or not -100 <= priority <= 100):
+        raise ProtocolError(BAD_REQUEST, "`priority` must be an integer from -100 to 100")
     return Request(
         id=rid,
         messages=messages,
@@ -203,6 +207,7 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
         stop=tuple(stop),
         escalate=escalate,
         private=private,
+        priority=priority,
     )
 
 

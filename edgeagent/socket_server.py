@@ -44,11 +44,13 @@ def peer_credentials(sock: socket.socket) -> str:
 class ConnectionSink:
     """A ReplySink writing JSON lines to one connected terminal."""
 
-    def __init__(self, writer: asyncio.StreamWriter, peer: str, max_inflight: int) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, peer: str, max_inflight: int,
+                 priority: int = 0) -> None:  # fmt: skip
         self._writer = writer
         self._peer = peer
         self._closed = False
         self._max_inflight = max_inflight
+        self._priority = priority
 
     @property
     def peer(self) -> str:
@@ -61,6 +63,10 @@ class ConnectionSink:
     @property
     def max_inflight(self) -> int:
         return self._max_inflight
+
+    @property
+    def priority(self) -> int:
+        return self._priority
 
     @property
     def closed(self) -> bool:
@@ -148,7 +154,7 @@ class SocketServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         peer = peer_credentials(sock) if sock is not None else "peer=unknown"
-        sink = ConnectionSink(writer, peer, self.cfg.max_inflight_per_conn)
+        sink = ConnectionSink(writer, peer, self.cfg.max_inflight_per_conn, self.cfg.priority)
         self._connections.add(sink)
         log.info("terminal connected: %s", peer)
         limit = self.cfg.max_line_bytes

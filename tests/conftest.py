@@ -47,6 +47,8 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgeagent", "run", "--config", str(self.config_path)],
                 cwd=self.workdir,
+                # Prompt-prefix snapshots go to the daemon's own cache, as under systemd.
+                env={**os.environ, "CACHE_DIRECTORY": str(self.workdir / "cache")},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -92,6 +94,9 @@ class Conn:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.sock.close()
 
     def send_raw(self, data: bytes) -> None:

@@ -2,7 +2,7 @@
 
 No real failure of the model can be provoked on demand, so this test uses a named fake:
 `ExplodingEngine` is the real Engine class (queue, inference thread, error mapping) with the
-model load skipped and generation replaced by an exception. The socket server, dispatcher and
+model load skipped and prompt building replaced by an exception. The socket server, dispatcher and
 wire format are the real ones.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 from edgeagent import config
 from edgeagent.cpu import Placement
@@ -25,7 +26,7 @@ class ExplodingEngine(Engine):
     def _load(self) -> None:
         pass
 
-    def _run(self, job: Job) -> None:
+    def _build_prompt(self, job: Job, *_args: Any) -> Any:
         raise RuntimeError("simulated inference failure")
 
 

@@ -1,0 +1,259 @@
+"""The llama.cpp context behind the engine: one KV sequence per slot, one decode step for all.
+
+Each slot owns a KV sequence in its own stream (`kv_unified = false`), so a sequence's cells sit
+at the same places whether it runs alone or beside others, and the matrix kernels are chosen so
+that no sum depends on the batch size: greedy output does not depend on what else is in the
+batch. llama.cpp decodes streams together only when their sequence ids are consecutive, so the
+engine keeps its running slots at the lowest ids (`swap`). Everything here runs on the
+inference thread only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+# Sampling defaults shared with llama-cpp-python's chat completion, so that a request and the
+# same request through raw llama-cpp-python sample the same way.
+TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
+TILED_ENV, TILED_MODE = "GGML_CPU_TILED_MM", "0"
+
+
+class DecodeError(RuntimeError):
+    """llama_decode failed for a step; the slots in it are left as they were before it."""
+
+
+@dataclass
+class Slot:
+    """One KV sequence: what its cells hold, what it still has to read, how it samples."""
+
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in the sequence
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
+    sampler: Any = None
+    logits_at: int = -1  # index in the last batch of this slot's output row, -1: none
+
+    @property
+    def ready_to_sample(self) -> bool:
+        return self.logits_at >= 0 and not self.pending
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class BatchDecoder:
+    """Owns the model and a context with `n_slots` sequences of `n_ctx` cells each."""
+
+    def __init__(self, model_file: Path, *, n_ctx: int, n_slots: int, n_batch: int,
+                 n_threads: int, batch_invariant: bool = True) -> None:  # fmt: skip
+        import llama_cpp  # noqa: PLC0415 (heavy import, only where the model lives)
+        from llama_cpp._internals import LlamaModel  # noqa: PLC0415
+
+        self._lib = llama_cpp
+        if batch_invariant:
+            # ggml's tiled K-quant matmul takes over from 8 rows up and rounds differently
+            # from the row-by-row kernel, so a token's logits would depend on how many other
+            # tokens share its step. One kernel for every size (read once, at the first
+            # matmul of the process).
+            os.environ.setdefault(TILED_ENV, TILED_MODE)
+        mparams = llama_cpp.llama_model_default_params()
+        # Repacked weights switch between a one-column and a many-column kernel with the batch
+        # size, whose sums round differently: off, every token's logits are the same whatever
+        # else is in the batch (with llama.cpp built without its llamafile GEMM, which does
+        # the same; see scripts/build-llama.sh).
+        mparams.use_extra_bufts = not batch_invariant
+        self.model = LlamaModel(path_model=str(model_file), params=mparams, verbose=False)
+        self.vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab()
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx * n_slots
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_slots
+        cparams.kv_unified = False
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = llama_cpp.llama_init_from_model(self.model.model, cparams)
+        if ctx is None:
+            raise RuntimeError(f"llama.cpp could not create a context for {n_slots} x {n_ctx}")
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ctx))
+        self.slots = [Slot(seq=i) for i in range(n_slots)]
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._pieces: dict[int, bytes] = {}
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            for slot in self.slots:
+                self.set_sampler(slot, None)
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self.ctx)
+            self.ctx = None
+        self.model.close()  # type: ignore[no-untyped-call]
+
+    # --- tokens ---------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
+        tokens: list[int] = self.model.tokenize(text.encode("utf-8"), add_bos, special)
+        return tokens
+
+    def piece(self, token: int) -> bytes:
+        """The token's text bytes (control tokens give none)."""
+        found = self._pieces.get(token)
+        if found is None:
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = self._lib.llama_token_to_piece(self.vocab, token, buf, size, 0, False)
+                if n >= 0:
+                    found = buf.raw[:n]
+                    break
+                size = -n
+            self._pieces[token] = found
+        return found
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+
+    # --- sampling -------------------------------------------------------------------------
+
+    def set_sampler(self, slot: Slot, temperature: Optional[float], seed: int = 0) -> None:
+        """Greedy for temperature 0, else top-k, top-p, min-p, temperature, random draw."""
+        lib = self._lib
+        if slot.sampler is not None:
+            lib.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+        if temperature is None:
+            return
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(TOP_K))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(TOP_P, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(MIN_P, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(temperature))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        slot.sampler = chain
+
+    def sample(self, slot: Slot) -> int:
+        """Draw the next token from the logits the last step left for this slot."""
+        token = int(self._lib.llama_sampler_sample(slot.sampler, self.ctx, slot.logits_at))
+        return token
+
+    def logprob(self, slot: Slot, token: int) -> float:
+        """log p(token) under the model's raw distribution at the slot's last output row."""
+        import numpy as np  # noqa: PLC0415
+
+        ptr = self._lib.llama_get_logits_ith(self.ctx, slot.logits_at)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        top = float(logits.max())
+        return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+
+    # --- KV cache -------------------------------------------------------------------------
+
+    def reuse(self, slot: Slot, prompt: list[int]) -> int:
+        """Keep the slot's cells that match the prompt's start, queue the rest; return kept.
+
+        At least one prompt token is always evaluated, so that the step leaves logits.
+        """
+        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
+        self.truncate(slot, keep)
+        slot.pending = list(prompt[keep:])
+        return keep
+
+    def truncate(self, slot: Slot, keep: int) -> None:
+        if keep < len(slot.cached):
+            if not self._lib.llama_memory_seq_rm(self.memory, slot.seq, keep, -1):
+                self._lib.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
+                keep = 0
+            del slot.cached[keep:]
+        slot.logits_at = -1
+
+    def clear(self, slot: Slot) -> None:
+        self.truncate(slot, 0)
+        slot.pending = []
+
+    def save(self, slot: Slot) -> bytes:
+        """The slot's KV cells as bytes (for a session or a shared prefix)."""
+        lib = self._lib
+        size = lib.llama_state_seq_get_size(self.ctx, slot.seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = lib.llama_state_seq_get_data(self.ctx, buf, size, slot.seq)
+        return bytes(buf[:n])
+
+    def load(self, slot: Slot, tokens: list[int], state: bytes) -> bool:
+        """Replace the slot's cells with saved ones; False (and an empty slot) if refused."""
+        lib = self._lib
+        self.clear(slot)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if lib.llama_state_seq_set_data(self.ctx, buf, len(state), slot.seq) != len(state):
+            self.clear(slot)
+            return False
+        slot.cached = list(tokens)
+        return True
+
+    def swap(self, a: Slot, b: Slot) -> None:
+        """Exchange two slots' cells, tokens, pending prompt and sampler."""
+        state_a = self.save(a) if a.cached else b""
+        state_b = self.save(b) if b.cached else b""
+        tokens_a, tokens_b = list(a.cached), list(b.cached)
+        rest_a = (a.pending, a.sampler, a.logits_at)
+        rest_b = (b.pending, b.sampler, b.logits_at)
+        self.truncate(a, 0)
+        self.truncate(b, 0)
+        if state_b and not self.load(a, tokens_b, state_b):
+            raise DecodeError(f"could not move sequence {b.seq} to {a.seq}")
+        if state_a and not self.load(b, tokens_a, state_a):
+            raise DecodeError(f"could not move sequence {a.seq} to {b.seq}")
+        a.pending, a.sampler, a.logits_at = rest_b
+        b.pending, b.sampler, b.logits_at = rest_a
+
+    # --- one step -------------------------------------------------------------------------
+
+    def step(self, feeds: list[tuple[Slot, list[int], bool]]) -> None:
+        """Evaluate `tokens` for each (slot, tokens, want_logits) in one llama_decode call.
+
+        The caller keeps the total within n_batch. A slot asking for logits gets them for its
+        last token in `logits_at`.
+        """
+        feeds = sorted(feeds, key=lambda f: f[0].seq)  # consecutive streams decode together
+        b = self._batch
+        n = 0
+        for slot, tokens, want_logits in feeds:
+            pos = len(slot.cached)
+            for j, token in enumerate(tokens):
+                b.token[n] = token
+                b.pos[n] = pos + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = slot.seq
+                b.logits[n] = 0
+                n += 1
+            if want_logits:
+                b.logits[n - 1] = 1
+        b.n_tokens = n
+        rc = self._lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            # Cells written before the failure are removed so each slot matches its `cached`.
+            for slot, _tokens, _want in feeds:
+                self._lib.llama_memory_seq_rm(self.memory, slot.seq, len(slot.cached), -1)
+                slot.logits_at = -1
+            raise DecodeError(f"llama_decode returned {rc} for {n} tokens")
+        n = 0
+        for slot, tokens, want_logits in feeds:
+            slot.cached.extend(tokens)
+            n += len(tokens)
+            slot.logits_at = n - 1 if want_logits else -1
