@@ -11,7 +11,7 @@ set -euo pipefail
 VERSION=${1:?usage: build-llama.sh VERSION [PYTHON]}
 PYTHON=${2:-python3}
 
-args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_LLAMAFILE=OFF"
 case "$(uname -m)" in
   x86_64|amd64)
     flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
@@ -24,7 +24,7 @@ case "$(uname -m)" in
     ;;
   *)
     # ARM and others: llama.cpp's native detection is what these boards want (see docs/deploy.md).
-    args="-DGGML_NATIVE=ON"
+    args="-DGGML_NATIVE=ON -DGGML_LLAMAFILE=OFF"
     ;;
 esac
 
