@@ -18,7 +18,7 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/build-llama.sh
+$(STAMP): pyproject.toml scripts/build-llama.sh scripts/llama-cmake-args.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet --progress-bar off pip
 	wheel=$$(scripts/build-llama.sh $(LLAMA_VERSION) $(BIN)/python) && \
