@@ -9,16 +9,17 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: run test lint typecheck model system-deps venv bench install clean help
+.PHONY: run test lint typecheck model system-deps venv bench llama-server install clean help
 
 help:
 	@echo "make run    - set up everything, then run the daemon in the foreground"
 	@echo "make test   - set up everything, then lint, type-check and run the whole suite"
 	@echo "make bench  - benchmark the daemon against raw llama-cpp-python"
+	@echo "make llama-server - build llama.cpp's llama-server (the benchmark's reference), print its path"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/build-llama.sh
+$(STAMP): pyproject.toml scripts/build-llama.sh scripts/llama-cmake-args.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet --progress-bar off pip
 	wheel=$$(scripts/build-llama.sh $(LLAMA_VERSION) $(BIN)/python) && \
@@ -58,6 +59,11 @@ test: $(STAMP) model system-deps lint typecheck
 
 bench: $(STAMP) model
 	$(BIN)/python scripts/bench.py
+
+# llama.cpp's own server from the llama.cpp that the wheel vendors, same CPU flags, cached like
+# the wheel; prints the binary's path (alone on stdout with `make -s llama-server`).
+llama-server: $(STAMP)
+	@scripts/build-llama-server.sh $(LLAMA_VERSION) $(BIN)/python
 
 install:
 	$(SUDO) scripts/install.sh

@@ -5,28 +5,14 @@
 # Why not a plain `pip install llama-cpp-python`: its default build uses -march=native, which
 # on recent Xeons turns on llama.cpp's AMX kernels; those crash or produce garbage on several
 # hypervisors (ggml-org/llama.cpp#20824). We build with the CPU's features listed explicitly and
-# AMX off. pip's own wheel cache ignores CMAKE_ARGS, so the cache here is keyed on them.
+# AMX off (scripts/llama-cmake-args.sh, shared with build-llama-server.sh). pip's own wheel
+# cache ignores CMAKE_ARGS, so the cache here is keyed on them.
 set -euo pipefail
 
 VERSION=${1:?usage: build-llama.sh VERSION [PYTHON]}
 PYTHON=${2:-python3}
 
-args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_LLAMAFILE=OFF"
-case "$(uname -m)" in
-  x86_64|amd64)
-    flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
-    for pair in sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI \
-                avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI \
-                avx512_bf16:AVX512_BF16; do
-      if [[ "$flags" == *" ${pair%%:*} "* ]]; then state=ON; else state=OFF; fi
-      args+=" -DGGML_${pair#*:}=$state"
-    done
-    ;;
-  *)
-    # ARM and others: llama.cpp's native detection is what these boards want (see docs/deploy.md).
-    args="-DGGML_NATIVE=ON -DGGML_LLAMAFILE=OFF"
-    ;;
-esac
+args=$("$(dirname "$0")/llama-cmake-args.sh")
 
 key=$(printf '%s %s %s' "$VERSION" "$(uname -m)" "$args" | sha256sum | cut -c1-16)
 dir="${XDG_CACHE_HOME:-$HOME/.cache}/edgeagent/wheels/$key"
