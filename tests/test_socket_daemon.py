@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import Conn, Daemon, connect
 
-ASK = "What does PLC stand for in factory automation? Answer in one short sentence."
+ASK = "What does the abbreviation PLC mean in industrial automation?"
 
 
 def test_streams_tokens_then_done_with_the_full_text(conn: Conn) -> None:
