@@ -14,7 +14,8 @@ LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyp
 help:
 	@echo "make run    - set up everything, then run the daemon in the foreground"
 	@echo "make test   - set up everything, then lint, type-check and run the whole suite"
-	@echo "make bench  - benchmark the daemon against raw llama-cpp-python"
+	@echo "make bench  - benchmark the daemon against raw llama-cpp-python, llama_cpp.server and"
+	@echo "              llama-server (one client, then 1-8 concurrent clients)"
 	@echo "make llama-server - build llama.cpp's llama-server (the benchmark's reference), print its path"
 
 venv: $(STAMP)
@@ -58,7 +59,7 @@ test: $(STAMP) model system-deps lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) model
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py; a=$$?; $(BIN)/python scripts/bench_concurrency.py; exit $$((a | $$?))
 
 # llama.cpp's own server from the llama.cpp that the wheel vendors, same CPU flags, cached like
 # the wheel; prints the binary's path (alone on stdout with `make -s llama-server`).
