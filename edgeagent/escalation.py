@@ -324,7 +324,7 @@ class Escalator:
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         def call() -> T:
             result = fn(*args)
-            if fn is not self.spool.close:
+            if fn != self.spool.close:  # a bound method: a new object on every access
                 self.spool_counts = self.spool.counts()
             return result
 
