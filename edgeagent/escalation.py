@@ -23,7 +23,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent import spool as sp
 from edgeagent.config import Config
-from edgeagent.mqtt_client import connect_properties, new_client, publish_properties, read_secret
+from edgeagent.mqtt_client import (
+    connect_failure,
+    connect_properties,
+    new_client,
+    publish_properties,
+    read_secret,
+)
 from edgeagent.policy import Rules
 from edgeagent.spool import Entry, EscalationSpool
 from edgeagent.topics import CloudTopics
@@ -81,8 +87,10 @@ class CloudLink:
             logger=logging.getLogger("edgeagent.escalation.paho"),
         )
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._connect_error = ""  # why the last attempt failed; logged once per reason
 
     @property
     def up(self) -> bool:
@@ -107,6 +115,7 @@ class CloudLink:
             "connected": self.connected,
             "broker": f"{self.cfg.cloud.host}:{self.cfg.cloud.port}",
             "workers_online": sorted(w for w, online in self.workers.items() if online),
+            "connect_error": self._connect_error or None,
             **dict(self.counters),
         }
 
@@ -117,6 +126,9 @@ class CloudLink:
     def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         self.loop.call_soon_threadsafe(self._connected, rc)
 
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        self.loop.call_soon_threadsafe(self._connect_failed, *connect_failure())
+
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                        _p: Any) -> None:  # fmt: skip
         self.loop.call_soon_threadsafe(self._disconnected, rc)
@@ -126,11 +138,21 @@ class CloudLink:
         correlation = getattr(props, "CorrelationData", None) if props else None
         self.loop.call_soon_threadsafe(self._message, msg.topic, bytes(msg.payload), correlation)
 
+    def _connect_failed(self, level: int, reason: str) -> None:
+        self.counters["connect_failed"] += 1
+        if reason != self._connect_error:
+            c = self.cfg.cloud
+            log.log(level, "cannot connect to the cloud broker %s:%d: %s; retrying",
+                    c.host, c.port, reason)  # fmt: skip
+        self._connect_error = reason
+
     def _connected(self, rc: ReasonCode) -> None:
         if rc.is_failure:
             log.error("cloud broker refused the connection: %s", rc.getName())
             self.counters["connect_refused"] += 1
+            self._connect_error = f"refused by the broker: {rc.getName()}"
             return
+        self._connect_error = ""
         self.connected = True
         self._client.subscribe([(self.reply_topic, 1), (self.topics.worker_statuses, 1)])
         log.info("cloud broker connected; waiting for a worker's status")
