@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgeagent import protocol
 from edgeagent import spool as sp
 from edgeagent.config import Config
 from edgeagent.mqtt_client import (
@@ -90,6 +91,8 @@ class CloudLink:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._asks: dict[int, str] = {}  # message id -> escalation id, until the broker takes it
         self._connect_error = ""  # why the last attempt failed; logged once per reason
 
     @property
@@ -121,7 +124,8 @@ class CloudLink:
 
     def publish_ask(self, esc_id: str, payload: dict[str, Any]) -> None:
         props = publish_properties(esc_id.encode(), self.reply_topic)
-        self._client.publish(self.topics.ask, json.dumps(payload), 1, False, props)
+        info = self._client.publish(self.topics.ask, json.dumps(payload), 1, False, props)
+        self._asks[info.mid] = esc_id
 
     def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         self.loop.call_soon_threadsafe(self._connected, rc)
@@ -132,6 +136,10 @@ class CloudLink:
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                        _p: Any) -> None:  # fmt: skip
         self.loop.call_soon_threadsafe(self._disconnected, rc)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode,
+                    _p: Any) -> None:  # fmt: skip
+        self.loop.call_soon_threadsafe(self._published, mid, rc)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -163,8 +171,23 @@ class CloudLink:
             self.counters["disconnects"] += 1
             log.warning("cloud broker connection lost (%s); reconnecting", rc.getName())
         self.connected = False
+        self._asks.clear()  # a resent escalation is acknowledged under a new message id
         self.workers.clear()  # their retained statuses come again after we resubscribe
         self.on_change(False)
+
+    def _published(self, mid: int, rc: ReasonCode) -> None:
+        esc_id = self._asks.pop(mid, None)
+        if esc_id is None or not rc.is_failure:
+            return
+        # Refused (an ACL): asking again would be refused again. The escalation fails like
+        # one the cloud could not answer, so the request gets its local answer at once.
+        self.counters["publish_refused"] += 1
+        log.error("cloud broker refused escalation %s on %s: %s", esc_id, self.topics.ask,
+                  rc.getName())  # fmt: skip
+        message = f"the cloud broker refused the escalation: {rc.getName()}"
+        event = protocol.error_event(None, protocol.CLOUD_ERROR, message)
+        event["escalation_id"] = esc_id
+        self.on_reply(event, None)
 
     def _message(self, topic: str, payload: bytes, correlation: Optional[bytes]) -> None:
         try:
