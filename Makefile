@@ -29,12 +29,14 @@ $(STAMP): pyproject.toml scripts/build-llama.sh scripts/llama-cmake-args.sh
 	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
 	@touch $@
 
-# What the test suite runs besides Python: brokers and MQTT clients, systemd's tools.
+# What the test suite runs besides Python: brokers and MQTT clients, systemd's tools,
+# openssl for the TLS tests' certificates.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
 	command -v mosquitto_rr >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \

@@ -21,9 +21,16 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgeagent import protocol
 from edgeagent import spool as sp
 from edgeagent.config import Config
-from edgeagent.mqtt_client import connect_properties, new_client, publish_properties, read_secret
+from edgeagent.mqtt_client import (
+    connect_failure,
+    connect_properties,
+    new_client,
+    publish_properties,
+    read_secret,
+)
 from edgeagent.policy import Rules
 from edgeagent.spool import Entry, EscalationSpool
 from edgeagent.topics import CloudTopics
@@ -81,8 +88,12 @@ class CloudLink:
             logger=logging.getLogger("edgeagent.escalation.paho"),
         )
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._asks: dict[int, str] = {}  # message id -> escalation id, until the broker takes it
+        self._connect_error = ""  # why the last attempt failed; logged once per reason
 
     @property
     def up(self) -> bool:
@@ -107,30 +118,49 @@ class CloudLink:
             "connected": self.connected,
             "broker": f"{self.cfg.cloud.host}:{self.cfg.cloud.port}",
             "workers_online": sorted(w for w, online in self.workers.items() if online),
+            "connect_error": self._connect_error or None,
             **dict(self.counters),
         }
 
     def publish_ask(self, esc_id: str, payload: dict[str, Any]) -> None:
         props = publish_properties(esc_id.encode(), self.reply_topic)
-        self._client.publish(self.topics.ask, json.dumps(payload), 1, False, props)
+        info = self._client.publish(self.topics.ask, json.dumps(payload), 1, False, props)
+        self._asks[info.mid] = esc_id
 
     def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         self.loop.call_soon_threadsafe(self._connected, rc)
 
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        self.loop.call_soon_threadsafe(self._connect_failed, *connect_failure())
+
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                        _p: Any) -> None:  # fmt: skip
         self.loop.call_soon_threadsafe(self._disconnected, rc)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode,
+                    _p: Any) -> None:  # fmt: skip
+        self.loop.call_soon_threadsafe(self._published, mid, rc)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props else None
         self.loop.call_soon_threadsafe(self._message, msg.topic, bytes(msg.payload), correlation)
 
+    def _connect_failed(self, level: int, reason: str) -> None:
+        self.counters["connect_failed"] += 1
+        if reason != self._connect_error:
+            c = self.cfg.cloud
+            log.log(level, "cannot connect to the cloud broker %s:%d: %s; retrying",
+                    c.host, c.port, reason)  # fmt: skip
+        self._connect_error = reason
+
     def _connected(self, rc: ReasonCode) -> None:
         if rc.is_failure:
             log.error("cloud broker refused the connection: %s", rc.getName())
             self.counters["connect_refused"] += 1
+            self._connect_error = f"refused by the broker: {rc.getName()}"
             return
+        self._connect_error = ""
         self.connected = True
         self._client.subscribe([(self.reply_topic, 1), (self.topics.worker_statuses, 1)])
         log.info("cloud broker connected; waiting for a worker's status")
@@ -141,8 +171,23 @@ class CloudLink:
             self.counters["disconnects"] += 1
             log.warning("cloud broker connection lost (%s); reconnecting", rc.getName())
         self.connected = False
+        self._asks.clear()  # a resent escalation is acknowledged under a new message id
         self.workers.clear()  # their retained statuses come again after we resubscribe
         self.on_change(False)
+
+    def _published(self, mid: int, rc: ReasonCode) -> None:
+        esc_id = self._asks.pop(mid, None)
+        if esc_id is None or not rc.is_failure:
+            return
+        # Refused (an ACL): asking again would be refused again. The escalation fails like
+        # one the cloud could not answer, so the request gets its local answer at once.
+        self.counters["publish_refused"] += 1
+        log.error("cloud broker refused escalation %s on %s: %s", esc_id, self.topics.ask,
+                  rc.getName())  # fmt: skip
+        message = f"the cloud broker refused the escalation: {rc.getName()}"
+        event = protocol.error_event(None, protocol.CLOUD_ERROR, message)
+        event["escalation_id"] = esc_id
+        self.on_reply(event, None)
 
     def _message(self, topic: str, payload: bytes, correlation: Optional[bytes]) -> None:
         try:
@@ -324,7 +369,7 @@ class Escalator:
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         def call() -> T:
             result = fn(*args)
-            if fn is not self.spool.close:
+            if fn != self.spool.close:  # a bound method: a new object on every access
                 self.spool_counts = self.spool.counts()
             return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,17 @@ def read_secret(path: str, credential: str) -> Optional[str]:
     if not path:
         return None
     return Path(path).read_text().rstrip("\r\n")
+
+
+def connect_failure() -> tuple[int, str]:
+    """(log level, reason) of the failed connection attempt paho is handling, for its
+    `on_connect_fail` callback (paho calls that inside its `except OSError`, which this reads).
+    A TLS failure (an untrusted or wrong certificate) is an error: retrying will not fix it."""
+    exc = sys.exc_info()[1]
+    if exc is None:
+        return logging.WARNING, "unknown error"
+    level = logging.ERROR if isinstance(exc, ssl.SSLError) else logging.WARNING
+    return level, str(exc) or type(exc).__name__
 
 
 def new_client(

@@ -25,7 +25,13 @@ from edgeagent import protocol
 from edgeagent.config import Config
 from edgeagent.dispatcher import FINAL_EVENTS, Dispatcher
 from edgeagent.engine import Event
-from edgeagent.mqtt_client import connect_properties, new_client, publish_properties, read_secret
+from edgeagent.mqtt_client import (
+    connect_failure,
+    connect_properties,
+    new_client,
+    publish_properties,
+    read_secret,
+)
 from edgeagent.topics import Topics, valid_reply_topic
 
 log = logging.getLogger("edgeagent.mqtt")
@@ -148,6 +154,7 @@ class MqttLink:
         self._on_puback: dict[int, Callable[[], None]] = {}
         self.deep = cfg.escalation.enabled and cfg.escalation.deep_topic
         self._pending_subs: dict[int, list[str]] = {}
+        self._connect_error = ""  # why the last attempt failed; logged once per reason
         self._metrics_task: Optional[asyncio.Task[None]] = None
         self._client = self._make_client()
 
@@ -167,6 +174,7 @@ class MqttLink:
         )
         client.will_set(self.topics.status, self._offline_payload("connection lost"), 1, True)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -209,6 +217,7 @@ class MqttLink:
             "client_id": self.client_id,
             "subscriptions": self.topics.subscriptions(self.deep),
             "refused_subscriptions": self.refused_subscriptions,
+            "connect_error": self._connect_error or None,
             **dict(self.counters),
         }
 
@@ -236,6 +245,9 @@ class MqttLink:
                     _p: Any) -> None:  # fmt: skip
         self.loop.call_soon_threadsafe(self._connected, rc, bool(flags.session_present))
 
+    def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
+        self.loop.call_soon_threadsafe(self._connect_failed, *connect_failure())
+
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                        _p: Any) -> None:  # fmt: skip
         self.loop.call_soon_threadsafe(self._disconnected, rc)
@@ -259,11 +271,20 @@ class MqttLink:
 
     # --- event loop -----------------------------------------------------------------------
 
+    def _connect_failed(self, level: int, reason: str) -> None:
+        self.counters["connect_failed"] += 1
+        if reason != self._connect_error:
+            m = self.cfg.mqtt
+            log.log(level, "MQTT cannot connect to %s:%d: %s; retrying", m.host, m.port, reason)
+        self._connect_error = reason
+
     def _connected(self, rc: ReasonCode, session_present: bool) -> None:
         if rc.is_failure:
             log.error("MQTT broker refused the connection: %s", rc.getName())
             self.counters["connect_refused"] += 1
+            self._connect_error = f"refused by the broker: {rc.getName()}"
             return
+        self._connect_error = ""
         log.info("MQTT connected (session %s)", "resumed" if session_present else "new")
         self._generation += 1
         self.connected.set()

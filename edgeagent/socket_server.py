@@ -221,4 +221,13 @@ class SocketServer:
         line = line.rstrip(b"\r")
         if not line.strip():
             return
-        self.dispatcher.handle_payload(line, sink)
+        try:
+            obj = protocol.decode(line)
+        except protocol.ProtocolError:
+            self.dispatcher.handle_payload(line, sink)  # the dispatcher answers the error
+            return
+        if isinstance(obj, dict) and "op" not in obj:
+            # An audit trail of who asked what: the SO_PEERCRED identity and the request id
+            # (repr: a client's id cannot forge log lines), never the request's text.
+            log.info("request %r from %s", protocol.request_id_of(obj), sink.peer)
+        self.dispatcher.handle_decoded(obj, sink)

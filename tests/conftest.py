@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -16,6 +18,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from edgeagent import models
+from tests.mqtt_helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 60
@@ -79,6 +82,55 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class Process:
+    """A background process with its log file, reaped by the fixture that starts it."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args, self.log_path = args, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def openai_stand_in(model_file: Path, log: Path, alias: str, *args: str) -> tuple[Process, int]:
+    """llama-cpp-python's OpenAI-compatible server on the local model, standing in for the
+    cloud's vLLM/TGI; returns once it answers, with its port."""
+    port = free_port()
+    server = Process(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file), "--host",
+         "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
+         "--model_alias", alias, *args],
+        log,
+    ).start()  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).close()
+            return server, port
+        except urllib.error.HTTPError:
+            return server, port  # up, and asking for its API key
+        except OSError:
+            assert time.monotonic() < deadline, server.log()
+            assert server.proc is not None and server.proc.poll() is None, server.log()
+            time.sleep(0.2)
 
 
 class Conn:

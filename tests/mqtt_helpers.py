@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,13 +32,15 @@ class Broker:
     """A mosquitto process with its own config, persistence and log under `workdir`."""
 
     def __init__(self, workdir: Path, *, users: Optional[dict[str, str]] = None,
-                 acl: str = "") -> None:  # fmt: skip
+                 acl: str = "", listener_options: Sequence[str] = ()) -> None:  # fmt: skip
+        """`listener_options`: lines for the listener, e.g. its TLS `cafile`/`certfile`."""
         assert shutil.which("mosquitto"), "mosquitto is not installed (make test installs it)"
         self.workdir = workdir
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
         lines = [
             f"listener {self.port} 127.0.0.1",
+            *listener_options,
             "persistence true",
             f"persistence_location {workdir}/",
             "autosave_interval 1",
@@ -90,7 +93,10 @@ class Requester:
     """A real MQTT client that publishes requests and collects every reply with its properties."""
 
     def __init__(self, port: int, *, v5: bool = True, persistent: bool = False,
-                 username: str = "", password: str = "") -> None:  # fmt: skip
+                 username: str = "", password: str = "",
+                 tls: Optional[tuple[Path, Optional[Path], Optional[Path]]] = None,
+                 ) -> None:  # fmt: skip
+        """`tls`: (CA file, client certificate, client key) to connect over TLS."""
         self.v5 = v5
         self.reply_topic = f"replies/{uuid.uuid4().hex[:8]}"
         self.messages: queue.Queue[tuple[str, dict[str, Any], Optional[bytes]]] = queue.Queue()
@@ -102,6 +108,9 @@ class Requester:
         )  # fmt: skip
         if username:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            ca, cert, key = tls
+            self.client.tls_set(str(ca), cert and str(cert), key and str(key))
         self.client.reconnect_delay_set(1, 2)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,37 +18,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import Conn, Daemon, connect
+from tests.conftest import Conn, Daemon, Process, connect, openai_stand_in
 from tests.mqtt_helpers import Broker, Requester, free_port
 
 STAND_IN = "stand-in-llama3-8b"
 NODE = "esc-node"
-
-
-class Process:
-    """A background process with its log file, reaped by the fixture that starts it."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.args, self.log_path = args, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Process:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 class Sniffer:
@@ -81,22 +53,7 @@ def stack(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     work = tmp_path_factory.mktemp("cloud")
     local = Broker(tmp_path_factory.mktemp("local-broker")).start()
     cloud = Broker(tmp_path_factory.mktemp("cloud-broker")).start()
-    port = free_port()
-    server = Process(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file), "--host",
-         "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
-         "--model_alias", STAND_IN],
-        work / "llama-server.log",
-    ).start()  # fmt: skip
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, server.log()
-            assert server.proc is not None and server.proc.poll() is None, server.log()
-            time.sleep(0.2)
+    server, port = openai_stand_in(model_file, work / "llama-server.log", STAND_IN)
     worker_cfg = work / "worker.toml"
     worker_cfg.write_text(
         f'[cloud]\nenabled = true\nhost = "127.0.0.1"\nport = {cloud.port}\nkeepalive = 2\n'
