@@ -365,7 +365,9 @@ class MqttLink:
         if isinstance(obj, dict) and "op" not in obj and "id" not in obj:
             # MQTT v5 clients correlate by Correlation Data; the protocol still wants an id.
             obj["id"] = correlation.hex()[:64] if correlation else uuid.uuid4().hex
-        key = (reply_topic, correlation, obj.get("id") if isinstance(obj, dict) else None)
+        # Only a valid id goes into the key: any other JSON value may be unhashable.
+        rid = protocol.request_id_of(obj) if isinstance(obj, dict) else None
+        key = (reply_topic, correlation, rid)
         known = self._recent.get(key)
         if dup and known is not None:
             # The broker delivered this request again (we had not acknowledged it yet).

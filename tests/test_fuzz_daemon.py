@@ -4,12 +4,19 @@ with a reply address gets exactly one `bad_request`, and the daemon stays up and
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 import time
+import uuid
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.conftest import Daemon, connect
 from tests.mqtt_helpers import Broker
@@ -63,6 +70,72 @@ def assert_healthy(d: Daemon) -> None:
     assert "Traceback" not in d.log(), d.log()[-5000:]
 
 
+# --- MQTT clients for the test -----------------------------------------------------------------
+
+
+class Collector:
+    """A real MQTT v5 client subscribed to every reply topic of a run, keeping each message."""
+
+    def __init__(self, port: int, prefix: str) -> None:
+        self.prefix = prefix
+        self.got: dict[str, list[tuple[bytes, Optional[bytes]]]] = collections.defaultdict(list)
+        self.count = 0
+        self.cond = threading.Condition()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"collect-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )  # fmt: skip
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a: subscribed.set()
+        self.client.connect("127.0.0.1", port, 30)
+        self.client.loop_start()
+        self.client.subscribe(f"{prefix}/#", 1)
+        assert subscribed.wait(10)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        corr = getattr(props, "CorrelationData", None) if props else None
+        with self.cond:
+            self.got[msg.topic].append((bytes(msg.payload), corr))
+            self.count += 1
+            self.cond.notify_all()
+
+    def wait_for(self, topic: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.got.get(topic):
+                assert self.cond.wait(max(0.01, deadline - time.monotonic())), topic
+            return dict(json.loads(self.got[topic][-1][0]))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publisher(port: int, v5: bool) -> mqtt.Client:
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"fuzz-{uuid.uuid4().hex[:8]}",
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+    )  # fmt: skip
+    client.max_inflight_messages_set(100)
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
+    client.connect("127.0.0.1", port, 30)
+    client.loop_start()
+    assert connected.wait(10)
+    return client
+
+
+def v5_properties(response_topic: Optional[str], correlation: Optional[bytes]) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    if correlation is not None:
+        props.CorrelationData = correlation
+    return props
+
+
 # --- focused cases ----------------------------------------------------------------------------
 
 
@@ -77,3 +150,30 @@ def test_a_line_just_over_the_limit_is_refused_however_it_arrives(fuzz_daemon: D
         c.send_raw(request + b" " * (LINE_LIMIT - len(request)) + b"\n")  # exactly the limit
         done = c.until_final("long")[-1]
         assert done["event"] == "done" and done["text"], done
+
+
+def test_mqtt_ids_of_every_json_type_get_one_error_each(
+    fuzz_broker: Broker, fuzz_daemon: Daemon
+) -> None:
+    run = f"fuzz/ids-{uuid.uuid4().hex[:6]}"
+    collector = Collector(fuzz_broker.port, run)
+    pub = publisher(fuzz_broker.port, v5=True)
+    try:
+        ids: list[Any] = [[1], {"a": 1}, 5, 1.5, True, None, "", "x" * 129, [[[]]]]
+        for n, rid in enumerate(ids):
+            payload = json.dumps({"id": rid, "prompt": "Say OK."}).encode()
+            props = v5_properties(f"{run}/{n}", b"c%d" % n)
+            pub.publish(ASK, payload, 1, False, props).wait_for_publish(10)
+        for n in range(len(ids)):
+            event = collector.wait_for(f"{run}/{n}")
+            assert event["event"] == "error" and event["id"] is None, event
+            assert "`id`" in event["message"]
+        # A status op after them: its answer comes after any second answer to the above.
+        pub.publish(ASK, b'{"op": "status"}', 1, False, v5_properties(f"{run}/end", None))
+        assert collector.wait_for(f"{run}/end")["event"] == "status"
+        assert all(len(v) == 1 for v in collector.got.values()), dict(collector.got)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        collector.close()
+    assert_healthy(fuzz_daemon)
