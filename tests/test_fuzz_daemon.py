@@ -18,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgeagent import protocol
 from tests.conftest import Daemon, connect
 from tests.mqtt_helpers import Broker
 
@@ -136,6 +137,24 @@ def v5_properties(response_topic: Optional[str], correlation: Optional[bytes]) -
     return props
 
 
+def publish_packet_size(topic: str, payload: bytes, response_topic: Optional[str],
+                        correlation: Optional[bytes], v5: bool = True) -> int:  # fmt: skip
+    """Bytes of a QoS 1 PUBLISH packet, counted from the MQTT specification."""
+
+    def varint_len(n: int) -> int:
+        return 1 + (n >= 128) + (n >= 16_384) + (n >= 2_097_152)
+
+    props = 0
+    if response_topic is not None:
+        props += 3 + len(response_topic.encode())
+    if correlation is not None:
+        props += 3 + len(correlation)
+    remaining = 2 + len(topic.encode()) + 2 + len(payload)
+    if v5:
+        remaining += varint_len(props) + props
+    return 1 + varint_len(remaining) + remaining
+
+
 # --- focused cases ----------------------------------------------------------------------------
 
 
@@ -176,4 +195,51 @@ def test_mqtt_ids_of_every_json_type_get_one_error_each(
         pub.disconnect()
         pub.loop_stop()
         collector.close()
+    assert_healthy(fuzz_daemon)
+
+
+def test_a_reply_too_large_for_the_broker_is_dropped_and_the_link_stays_up(
+    fuzz_broker: Broker, fuzz_daemon: Daemon
+) -> None:
+    """A Response Topic and Correlation Data sized so that the request fits the broker's
+    maximum packet size but the error about it may not: exactly at the maximum it is sent;
+    over it (by one byte, which the specification forbids and mosquitto happens to let
+    through, or by more, for which mosquitto disconnects the sender) it is dropped."""
+    run = f"fuzz/big-{uuid.uuid4().hex[:6]}"
+    collector = Collector(fuzz_broker.port, run)
+    pub = publisher(fuzz_broker.port, v5=True)
+    before = status(fuzz_daemon)["mqtt"]
+    try:
+        correlation = b"\xc7" * 65535
+        with pytest.raises(protocol.ProtocolError) as info:
+            protocol.decode(b"{")
+        error = protocol.encode(
+            protocol.error_event(None, protocol.BAD_REQUEST, info.value.message)
+        )
+        for name, extra in (("fits", 0), ("over", 1), ("far-over", 64)):
+            stem = f"{run}/{name}/"
+            fixed = publish_packet_size(stem, error[:-1], None, correlation) - len(stem)
+            topic = stem + "t" * (BROKER_MAX_PACKET + extra - fixed - len(stem))
+            assert publish_packet_size(topic, error[:-1], None, correlation) == (
+                BROKER_MAX_PACKET + extra
+            )
+            assert publish_packet_size(ASK, b"{", topic, correlation) <= BROKER_MAX_PACKET
+            props = v5_properties(topic, correlation)
+            pub.publish(ASK, b"{", 1, False, props).wait_for_publish(10)
+            if name == "fits":
+                event = collector.wait_for(topic)
+                assert event["event"] == "error" and event["code"] == protocol.BAD_REQUEST
+                assert collector.got[topic][0][1] == correlation
+        # The link is still up: a status op on a short topic is answered after the dropped one.
+        pub.publish(ASK, b'{"op": "status"}', 1, False, v5_properties(f"{run}/s", b"s"))
+        assert collector.wait_for(f"{run}/s")["event"] == "status"
+        after = status(fuzz_daemon)["mqtt"]
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        collector.close()
+    assert not [t for t in collector.got if "over/" in t]
+    assert after.get("replies_too_large", 0) == before.get("replies_too_large", 0) + 2
+    assert after.get("disconnects", 0) == before.get("disconnects", 0) == 0
+    assert "over the broker's maximum packet size of 131072" in fuzz_daemon.log()
     assert_healthy(fuzz_daemon)
