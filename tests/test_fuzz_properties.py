@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -605,6 +606,8 @@ regex_fragments = st.lists(
 ).map("".join)  # fmt: skip
 
 
+# re warns about "[[" and the like (a meaning that may change in a later Python): not our concern.
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 @SLOW
 @given(patterns=st.lists(regex_fragments, max_size=3), redact=st.lists(regex_fragments, max_size=2))
 def test_the_loader_only_accepts_regexes_the_policy_can_use(
