@@ -19,6 +19,7 @@ from collections.abc import Hashable
 from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent import protocol
@@ -38,6 +39,15 @@ log = logging.getLogger("edgeagent.mqtt")
 
 RECENT_REQUESTS = 10_000  # remembered to answer a redelivered request once
 PASSWORD_CREDENTIAL = "mqtt-password"  # noqa: S105 (a file name, not a secret)
+
+
+def packet_size(topic: str, payload: bytes, qos: int, props: Optional[Properties], v5: bool) -> int:
+    """Bytes of the PUBLISH packet paho sends: what a broker's Maximum Packet Size limits."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    if v5:
+        remaining += len(props.pack()) if props is not None else 1
+    length_bytes = 1 + (remaining >= 128) + (remaining >= 16_384) + (remaining >= 2_097_152)
+    return 1 + length_bytes + remaining
 
 
 class _Delivery:
@@ -142,6 +152,9 @@ class MqttLink:
         self.v5 = m.protocol == "5"
         self.client_id = m.client_id or f"edgeagent-{cfg.node_id}"
         self.connected = asyncio.Event()
+        # The broker's Maximum Packet Size (MQTT v5 CONNACK): a larger publish gets us
+        # disconnected, and paho would send it again after every reconnect.
+        self.max_packet_size: Optional[int] = None
         self._generation = 0  # connection count: a message id is only valid on its connection
         self.accepting = True
         self.refused_subscriptions: list[str] = []
@@ -242,8 +255,9 @@ class MqttLink:
     # --- paho's network thread: hand over only --------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: ReasonCode,
-                    _p: Any) -> None:  # fmt: skip
-        self.loop.call_soon_threadsafe(self._connected, rc, bool(flags.session_present))
+                    props: Any) -> None:  # fmt: skip
+        max_packet = getattr(props, "MaximumPacketSize", None) if props else None
+        self.loop.call_soon_threadsafe(self._connected, rc, bool(flags.session_present), max_packet)
 
     def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
         self.loop.call_soon_threadsafe(self._connect_failed, *connect_failure())
@@ -278,13 +292,15 @@ class MqttLink:
             log.log(level, "MQTT cannot connect to %s:%d: %s; retrying", m.host, m.port, reason)
         self._connect_error = reason
 
-    def _connected(self, rc: ReasonCode, session_present: bool) -> None:
+    def _connected(self, rc: ReasonCode, session_present: bool,
+                   max_packet: Optional[int] = None) -> None:  # fmt: skip
         if rc.is_failure:
             log.error("MQTT broker refused the connection: %s", rc.getName())
             self.counters["connect_refused"] += 1
             self._connect_error = f"refused by the broker: {rc.getName()}"
             return
         self._connect_error = ""
+        self.max_packet_size = max_packet
         log.info("MQTT connected (session %s)", "resumed" if session_present else "new")
         self._generation += 1
         self.connected.set()
@@ -324,8 +340,12 @@ class MqttLink:
         if callback is not None and not rc.is_failure:
             callback()
 
-    def ack_after(self, mid: int, delivery: _Delivery, topic: str) -> None:
-        """Acknowledge the request once the broker has taken its final event."""
+    def ack_after(self, mid: Optional[int], delivery: _Delivery, topic: str) -> None:
+        """Acknowledge the request once the broker has taken its final event (at once when
+        that event could not be sent at all)."""
+        if mid is None:
+            self._ack(delivery)
+            return
         self._ack_on_puback[mid] = delivery
         self._final_topics[mid] = topic
 
@@ -337,9 +357,20 @@ class MqttLink:
             self._client.ack(delivery.mid, delivery.qos)
 
     def publish_reply(self, topic: str, event: Event, correlation: Optional[bytes],
-                      qos: int) -> int:  # fmt: skip
+                      qos: int) -> Optional[int]:  # fmt: skip
+        """Publish one event; its message id, or None when it is too large for the broker."""
         props = publish_properties(correlation) if self.v5 else None
-        info = self._client.publish(topic, protocol.encode(event)[:-1], qos, False, props)
+        payload = protocol.encode(event)[:-1]
+        limit = self.max_packet_size
+        if limit is not None and (size := packet_size(topic, payload, qos, props, self.v5)) > limit:
+            self.counters["replies_too_large"] += 1
+            log.warning(
+                "dropping the %s event for %s: %d bytes with its reply topic and correlation data, "
+                "over the broker's maximum packet size of %d", event["event"], topic[:100], size,
+                limit,
+            )  # fmt: skip
+            return None
+        info = self._client.publish(topic, payload, qos, False, props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("MQTT could not queue a reply to %s: %s", topic, mqtt.error_string(info.rc))
         return info.mid
@@ -348,6 +379,8 @@ class MqttLink:
                          on_acked: Callable[[], None]) -> None:  # fmt: skip
         """A QoS 1 message outside any request (a cloud answer); `on_acked` once it is taken."""
         mid = self.publish_reply(topic, event, correlation, 1)
+        if mid is None:
+            return
         self._on_puback[mid] = on_acked
         self._final_topics[mid] = topic
 
@@ -390,7 +423,9 @@ class MqttLink:
         if isinstance(obj, dict) and "op" not in obj and "id" not in obj:
             # MQTT v5 clients correlate by Correlation Data; the protocol still wants an id.
             obj["id"] = correlation.hex()[:64] if correlation else uuid.uuid4().hex
-        key = (reply_topic, correlation, obj.get("id") if isinstance(obj, dict) else None)
+        # Only a valid id goes into the key: any other JSON value may be unhashable.
+        rid = protocol.request_id_of(obj) if isinstance(obj, dict) else None
+        key = (reply_topic, correlation, rid)
         known = self._recent.get(key)
         if dup and known is not None:
             # The broker delivered this request again (we had not acknowledged it yet).

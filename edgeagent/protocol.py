@@ -7,12 +7,14 @@ See docs/protocol.md. Parsing never raises anything but ProtocolError, whose `co
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 MAX_ID_LEN = 128
 MAX_MESSAGES = 256
+# Error messages quote this much of what a client sent, so they never grow with the input.
+MAX_QUOTED_CHARS = 40
+MAX_QUOTED_NAMES = 5
 ROLES = ("system", "user", "assistant")
 
 # Error codes, one place. A client may rely on these strings.
@@ -96,6 +98,18 @@ def request_id_of(obj: dict[str, Any]) -> Optional[str]:
     return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN else None
 
 
+def _shorten(text: str) -> str:
+    return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "..."
+
+
+def _names(names: set[str]) -> str:
+    """Some of the unknown field names a client sent, for an error message."""
+    ordered = sorted(names)
+    shown = ", ".join(_shorten(n) for n in ordered[:MAX_QUOTED_NAMES])
+    more = len(ordered) - MAX_QUOTED_NAMES
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
 def _check_id(obj: dict[str, Any], what: str = "id") -> str:
     rid = obj.get(what)
     if not isinstance(rid, str) or not rid:
@@ -122,15 +136,15 @@ def parse(obj: Any, *, max_tokens_limit: int) -> Union[Request, Op]:
 def _parse_op(obj: dict[str, Any]) -> Op:
     op = obj["op"]
     if not isinstance(op, str) or op not in OPS:
+        # Not repr() of the value: a deeply nested one would overflow the stack.
+        what = repr(_shorten(op)) if isinstance(op, str) else f"of type {type(op).__name__}"
         raise ProtocolError(
-            BAD_REQUEST, f"unknown op {op!r}; known: {', '.join(OPS)}", request_id_of(obj)
+            BAD_REQUEST, f"unknown op {what}; known: {', '.join(OPS)}", request_id_of(obj)
         )
     unknown = set(obj) - OPS[op]
     if unknown:
         raise ProtocolError(
-            BAD_REQUEST,
-            f"unknown field(s) for op {op}: {', '.join(sorted(unknown))}",
-            request_id_of(obj),
+            BAD_REQUEST, f"unknown field(s) for op {op}: {_names(unknown)}", request_id_of(obj)
         )
     if op in ("cancel", "result"):
         return Op(op, id=_check_id(obj))
@@ -142,7 +156,7 @@ def _parse_op(obj: dict[str, Any]) -> Op:
 def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
     unknown = set(obj) - REQUEST_FIELDS
     if unknown:
-        raise ProtocolError(BAD_REQUEST, f"unknown field(s): {', '.join(sorted(unknown))}")
+        raise ProtocolError(BAD_REQUEST, f"unknown field(s): {_names(unknown)}")
     rid = _check_id(obj)
     has_messages, has_prompt = "messages" in obj, "prompt" in obj
     if has_messages == has_prompt:
@@ -166,10 +180,11 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
         )
     temperature = obj.get("temperature")
     if temperature is not None:
+        # The range check also refuses NaN and infinities, and unlike math.isfinite it takes
+        # integers of any size.
         if (
             isinstance(temperature, bool)
             or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
             or not 0.0 <= temperature <= 2.0
         ):
             raise ProtocolError(BAD_REQUEST, "`temperature` must be a number from 0 to 2")

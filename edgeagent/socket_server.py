@@ -173,18 +173,13 @@ class SocketServer:
                     line, buf = buf[:nl], buf[nl + 1 :]
                     if discarding:
                         discarding = False
-                        continue
-                    self._line(line, sink)
+                    elif len(line) > limit:  # it came in whole, within one read
+                        self._too_long(sink)
+                    else:
+                        self._line(line, sink)
                 if len(buf) > limit:
                     if not discarding:
-                        sink.send(
-                            protocol.error_event(
-                                None,
-                                protocol.BAD_REQUEST,
-                                f"line longer than {limit} bytes; skipped",
-                            )
-                        )
-                        self.dispatcher.stats.errors[protocol.BAD_REQUEST] += 1
+                        self._too_long(sink)
                     discarding = True
                     buf = b""
                 await writer.drain()
@@ -216,6 +211,12 @@ class SocketServer:
                 log.info("%s hung up with requests in flight; cancelling them", sink.peer)
                 return
             await asyncio.sleep(HANGUP_POLL_S)
+
+    def _too_long(self, sink: ConnectionSink) -> None:
+        limit = self.cfg.max_line_bytes
+        message = f"line longer than {limit} bytes; skipped"
+        sink.send(protocol.error_event(None, protocol.BAD_REQUEST, message))
+        self.dispatcher.stats.errors[protocol.BAD_REQUEST] += 1
 
     def _line(self, line: bytes, sink: ConnectionSink) -> None:
         line = line.rstrip(b"\r")

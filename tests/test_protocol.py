@@ -125,3 +125,29 @@ def test_events_encode_as_one_line() -> None:
     line = protocol.encode(protocol.token_event("a", "x\ny"))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == {"event": "token", "id": "a", "text": "x\ny"}
+
+
+def test_error_messages_quote_little_of_the_input() -> None:
+    many_names = {"id": "a", "prompt": "x", **{"\u20ac" * 50 + str(i): 1 for i in range(1000)}}
+    for obj in ({"op": "x" * 100_000}, many_names, {"op": "status", "y" * 10_000: 1}):
+        with pytest.raises(ProtocolError) as info:
+            parse(obj)
+        assert "unknown" in info.value.message and len(info.value.message) < 400
+    with pytest.raises(ProtocolError, match="and 995 more"):
+        parse(many_names)
+
+
+def test_a_deeply_nested_op_is_a_bad_request() -> None:
+    """Transports parse a few calls deeper than the decoder ran, so a value the decoder just
+    managed to nest can be too deep for repr() there: messages never repr() such values."""
+    nested: list[object] = []
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(ProtocolError, match="unknown op of type list"):
+        parse({"op": nested})
+
+
+def test_a_huge_integer_temperature_is_a_bad_request() -> None:
+    with pytest.raises(ProtocolError, match="temperature") as info:
+        parse({"id": "t", "prompt": "x", "temperature": 10**400})
+    assert info.value.request_id == "t"
