@@ -145,6 +145,7 @@ def run_openai(port: int) -> Callable[[str, int, Request], None]:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
         n = 0
+        last = b""
         for raw in resp:
             line = raw.strip()
             if not line.startswith(b"data:"):
@@ -152,6 +153,7 @@ def run_openai(port: int) -> Callable[[str, int, Request], None]:
             data = line[5:].strip()
             if data == b"[DONE]":
                 break
+            last = data
             chunk = json.loads(data)
             choices = chunk.get("choices") or [{}]
             if choices[0].get("delta", {}).get("content"):
@@ -159,6 +161,8 @@ def run_openai(port: int) -> Callable[[str, int, Request], None]:
                 if not r.first:
                     r.first = time.perf_counter()
         r.end = time.perf_counter()
+        if not n:
+            raise RuntimeError(f"the stream ended without a token; last event {last[:300]!r}")
         r.tokens = n
         conn.close()
 
@@ -327,6 +331,9 @@ def server(
                 str(args.threads),
                 "--n_threads_batch",
                 str(args.threads),
+                # Its default lets a new request cut off the one streaming; here they queue.
+                "--interrupt_requests",
+                "False",
                 "--port",
                 str(port),
                 "--host",
@@ -443,6 +450,7 @@ def restart_experiment(model_file: Path, workdir: Path, args: argparse.Namespace
             "prompt_tokens": values[0][2]["usage"]["prompt_tokens"],
             "evaluated_tokens": values[0][2]["usage"]["evaluated_tokens"],
             "cache": values[0][2]["usage"]["cache"],
+            "prompt_ms": statistics.median(v[2]["timings"]["prompt_ms"] for v in values),
         }
     return results
 
@@ -573,10 +581,12 @@ def render(
         f"First request after a restart (median of {args.restarts} restarts; n_ctx "
         f"{args.n_ctx_system}, max_tokens 8):",
         "",
-        "| daemon | start to ready (s) | TTFT (ms) | prompt tokens | evaluated | usage.cache |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| daemon | start to ready (s) | TTFT (ms) | prompt_ms in done | prompt tokens | "
+        "evaluated | usage.cache |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         *(
-            f"| {names[k]} | {v['ready_s']:.2f} | {v['ttft_ms']:.0f} | {v['prompt_tokens']} | "
+            f"| {names[k]} | {v['ready_s']:.2f} | {v['ttft_ms']:.0f} | {v['prompt_ms']:.0f} | "
+            f"{v['prompt_tokens']} | "
             f"{v['evaluated_tokens']} | {v['cache']} |"
             for k, v in restart.items()
         ),
