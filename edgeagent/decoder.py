@@ -57,6 +57,9 @@ class BatchDecoder:
                  n_threads: int, batch_invariant: bool = True) -> None:  # fmt: skip
         import llama_cpp  # noqa: PLC0415 (heavy import, only where the model lives)
         from llama_cpp._internals import LlamaModel  # noqa: PLC0415
+        from llama_cpp._logger import set_verbose  # noqa: PLC0415
+
+        set_verbose(False)  # llama.cpp's own log: errors only (its info lines flood the journal)
 
         self._lib = llama_cpp
         if batch_invariant:
