@@ -79,8 +79,8 @@ class TcpProxy:
                     for sock in self._peer:
                         self._sel.unregister(sock)  # nothing is read, so nothing is forwarded
                 elif name == "heal" and self.partitioned:
-                    self.partitioned = False
                     self._drop_all()
+                    self.partitioned = False
                 elif name == "close":
                     self._drop_all()
                     self._sel.close()
@@ -305,6 +305,7 @@ def escalation_tally(ids: Iterable[str], events: list[dict[str, Any]]) -> dict[s
         "duplicated": 0,
         "statuses": {},
         "followups": 0,
+        "cloud_answers_after_busy": 0,
         "waiting_for_cloud": [],
     }
     for rid in ids:
@@ -321,6 +322,11 @@ def escalation_tally(ids: Iterable[str], events: list[dict[str, Any]]) -> dict[s
             out["followups"] += 1
             key = f"cloud_answer {event.get('status')}"
             out["statuses"][key] = out["statuses"].get(key, 0) + 1
+        if status == "busy":
+            # The local fallback found the queue full, after the escalation may have been
+            # stored: its cloud answer may or may not follow. Counted, not judged.
+            out["cloud_answers_after_busy"] += outcomes
+            continue
         expected = 1 if status in ("answered", "queued", "timeout") else 0
         if outcomes < expected:
             out["waiting_for_cloud"].append(rid)
