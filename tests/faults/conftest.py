@@ -91,7 +91,7 @@ class TcpProxy:
             for key, _ in self._sel.select(0.05):
                 if key.fileobj is self._listener:
                     self._accept()
-                else:
+                elif key.fileobj in self._peer:  # not closed with its peer earlier in this round
                     assert isinstance(key.fileobj, socket.socket)
                     self._relay(key.fileobj)
 
