@@ -74,6 +74,14 @@ def parse_escalation(payload: bytes) -> dict[str, Any]:
     return obj
 
 
+def wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> None:
+    """Wait until the broker has taken a QoS 1 message. Published while disconnected, it waits
+    in paho's queue and goes out after the reconnect: nothing to wait for now (paho's own wait
+    raises then, which left an answered escalation marked running forever)."""
+    if info.rc == mqtt.MQTT_ERR_SUCCESS:
+        info.wait_for_publish(timeout)
+
+
 class CloudWorker:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -183,7 +191,11 @@ class CloudWorker:
             return
         log.info("escalation %s from %s: %s", esc_id, esc.get("node_id", "?"),
                  json.dumps(esc.get("reason", {})))  # fmt: skip
-        final = self._complete(esc, reply, correlation)
+        try:
+            final = self._complete(esc, reply, correlation)
+        except Exception as exc:  # a reply we cannot read: an error answer, never silence
+            log.exception("escalation %s failed", esc_id)
+            final = self._error(esc_id, f"worker failed: {exc}")
         self._publish(reply, final, correlation, wait=True)
         with self._lock:
             self._answered[esc_id] = final
@@ -283,7 +295,7 @@ class CloudWorker:
             topic, json.dumps(event), 1, False, publish_properties(correlation)
         )
         if wait:
-            info.wait_for_publish(PUBLISH_TIMEOUT_S)
+            wait_published(info, PUBLISH_TIMEOUT_S)
 
     def _ack(self, deliveries: list[tuple[int, int, int]]) -> None:
         with self._lock:
@@ -320,7 +332,7 @@ class CloudWorker:
         notifier.stopping("finishing running escalations")
         self._pool.shutdown(wait=True, cancel_futures=True)
         info = self.client.publish(self.status_topic, self._status("offline", "shutdown"), 1, True)
-        info.wait_for_publish(5.0)
+        wait_published(info, 5.0)
         self.client.disconnect()
         self.client.loop_stop()
         return 0

@@ -17,7 +17,7 @@ from edgeagent import __version__, config, cpu, models
 from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
-from edgeagent.escalation import Escalator
+from edgeagent.escalation import Escalator, default_spool_path
 from edgeagent.mqtt_link import MqttLink
 from edgeagent.socket_server import SocketError, SocketServer
 from edgeagent.systemd import Notifier, inherited_unix_socket, watchdog_interval
@@ -185,7 +185,8 @@ async def serve(cfg: Config, started: float) -> int:
             escalator = Escalator(cfg, loop)
             await escalator.start()
         except (OSError, sqlite3.Error) as exc:
-            log.error("cannot open the escalation spool: %s", exc)
+            where = cfg.escalation.spool_path or default_spool_path()
+            log.error("cannot open the escalation spool %s: %s", where, exc)
             engine.stop()
             return EXIT_SPOOL
         dispatcher.escalator = escalator

@@ -15,6 +15,7 @@ import collections
 import concurrent.futures
 import json
 import logging
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar
 
@@ -43,6 +44,10 @@ log = logging.getLogger("edgeagent.escalation")
 CLOUD_PASSWORD_CREDENTIAL = "cloud-password"  # noqa: S105 (a file name, not a secret)
 MAINTENANCE_INTERVAL_S = 30.0
 T = TypeVar("T")
+
+
+class SpoolError(Exception):
+    """An escalation could not be stored, so it was not accepted; the message says why."""
 
 
 class CloudWaiter(Protocol):
@@ -310,11 +315,20 @@ class Escalator:
         payload: dict[str, Any],
         reply_address: Optional[tuple[str, Optional[bytes]]],
     ) -> Entry:
-        """Store an escalation durably (or find it, when it was stored before) and return it."""
+        """Store an escalation durably (or find it, when it was stored before) and return it.
+
+        Raises SpoolError when the spool cannot take it (disk full, I/O error).
+        """
         topic, correlation = reply_address or (None, None)
-        entry, created, dropped = await self._db(
-            self.spool.add, esc_id, request_id, reason, payload, topic, correlation
-        )
+        try:
+            entry, created, dropped = await self._db(
+                self.spool.add, esc_id, request_id, reason, payload, topic, correlation
+            )
+        except sqlite3.Error as exc:
+            self.counters["spool_errors"] += 1
+            raise SpoolError(
+                f"the escalation spool {self.spool.path} could not store the question: {exc}"
+            ) from None
         for old in dropped:
             log.warning("spool full (%d): dropped escalation %s", self.cfg.escalation.spool_max,
                         old.id)  # fmt: skip

@@ -119,6 +119,8 @@ class SocketServer:
     def _prepare_path(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # strerror would say only "File exists"
+            raise SocketError(f"{self.path.parent} exists and is not a directory") from None
         except OSError as exc:
             raise SocketError(f"cannot create {self.path.parent}: {exc.strerror}") from None
         try:

@@ -15,15 +15,34 @@ SD_LISTEN_FDS_START = 3
 
 
 class Notifier:
-    """sd_notify when run under systemd (NOTIFY_SOCKET set); silent otherwise."""
+    """sd_notify when run under systemd (NOTIFY_SOCKET set); silent otherwise.
+
+    The socket is non-blocking: it is written from the event loop, and a receiver that stops
+    reading (a busy PID 1, a full datagram queue) must not stall every request with it. A
+    message with no room is dropped; a dropped WATCHDOG=1 is one more reason for systemd to
+    check on us, never a reason to hang.
+    """
 
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
-        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        self._sock: Optional[socket.socket] = None
+        if self.enabled:
+            self._sock = sdnotify.SystemdNotifier().socket
+        if self._sock is not None:
+            self._sock.setblocking(False)
+        self.dropped = 0
 
     def notify(self, *lines: str) -> None:
-        if self._sd is not None:
-            self._sd.notify("\n".join(lines))
+        if self._sock is None:
+            return
+        try:
+            self._sock.send("\n".join(lines).encode())
+        except BlockingIOError:
+            if not self.dropped:
+                log.warning("systemd is not reading notifications; dropping %s", lines[0])
+            self.dropped += 1
+        except OSError as exc:
+            log.debug("sd_notify %s failed: %s", lines[0], exc)
 
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")
