@@ -378,3 +378,14 @@ def test_unsure_local_answer_gets_a_cloud_second_opinion(
         assert event["escalation"]["reason"] == "low_confidence"
         kept = ask(c, "u2", "Name a planet.", private=True)[-1]
         assert kept["source"] == "local" and "escalation" not in kept
+
+
+def test_sigterm_stops_cleanly_with_the_spool_open(
+    stack: dict[str, Any], daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory(node_id="esc-stop", extra=daemon_extra(stack, "stop"))
+    wait_link(d, True)
+    with connect(d.socket_path) as c:
+        assert_cloud_answer(ask(c, "s1", "Name a metal.", escalate=True), "flag")
+    assert d.stop() == 0, d.log()
+    assert "Traceback" not in d.log()
