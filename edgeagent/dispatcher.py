@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeagent.dispatcher")
 
 FINAL_EVENTS = ("done", "error")
+# After a shutdown's cancel, how long the engine gets to answer before the dispatcher does.
+CANCEL_GRACE_S = 1.0
 
 
 class ReplySink(Protocol):
@@ -215,11 +217,23 @@ class Dispatcher:
             return 0
         except asyncio.TimeoutError:
             left = list(self._inflight.values())
-            for entry in left:
-                self._stop(entry, protocol.CANCELLED, shutdown=True)
-            if left:
-                await asyncio.wait_for(self.idle.wait(), 5.0)
-            return len(left)
+        for entry in left:
+            self._stop(entry, protocol.CANCELLED, shutdown=True)
+        try:
+            await asyncio.wait_for(self.idle.wait(), CANCEL_GRACE_S)
+        except asyncio.TimeoutError:
+            # The engine stops a request between tokens, not inside one llama.cpp call (a long
+            # prompt's evaluation): answer what is still running here, so every request still
+            # gets its final event before the connections close.
+            stuck = list(self._inflight.values())
+            log.warning("%d request(s) still running after the cancel; answering them now",
+                        len(stuck))  # fmt: skip
+            for entry in stuck:
+                message = "cancelled: the daemon is stopping"
+                self._deliver(
+                    entry, protocol.error_event(entry.request.id, protocol.CANCELLED, message)
+                )
+        return len(left)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -278,6 +278,31 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(
     assert "Traceback" not in d.log()
 
 
+def test_sigterm_during_a_long_prompt_still_answers_and_exits_zero(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # No time to drain, and a ~3,000-token prompt keeps the engine inside one llama.cpp call
+    # for seconds, well past the cancel's grace: the dispatcher itself must answer it.
+    d = daemon_factory(n_ctx=4096, engine_extra="drain_timeout_s = 0.0")
+    with connect(d.socket_path) as c:
+        c.send({"id": "long", "prompt": "belts move boxes " * 1000, "max_tokens": 4})
+        deadline = time.monotonic() + 30
+        with connect(d.socket_path) as probe:
+            while not probe.op("status")["generating"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        events = c.until_final("long")
+        assert [e["event"] for e in events] == ["error"], events
+        assert events[0]["code"] == "cancelled"
+        with pytest.raises(EOFError):
+            c.read()  # nothing more for it, and the connection is closed
+    assert d.stop() == 0, d.log()
+    assert "still running after the cancel" in d.log()
+    assert "Traceback" not in d.log()
+
+
 def test_clients_that_hang_up_at_once_leave_no_errors(daemon: Daemon) -> None:
     for i in range(30):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
