@@ -29,6 +29,7 @@ EXIT_MODEL = 3
 EXIT_LISTEN = 4
 EXIT_SPOOL = 5
 STATUS_INTERVAL_S = 5.0
+ENGINE_JOIN_S = 2.0  # at exit, for the inference thread to leave its last llama.cpp call
 
 # Keys SIGHUP may change in a running daemon; anything else needs a restart.
 RELOADABLE = {
@@ -290,8 +291,15 @@ async def serve(cfg: Config, started: float) -> int:
         await link.stop()
     for task in tasks:
         task.cancel()
-    await loop.run_in_executor(None, engine.stop)
+    await loop.run_in_executor(None, engine.stop, ENGINE_JOIN_S)
     log.info("stopped (%d request(s) cancelled by the shutdown)", cancelled)
+    if engine.thread_alive:
+        # Still inside one llama.cpp call (a long prompt) whose request has been answered:
+        # the interpreter's exit would free the model under it and crash. Nothing is left to
+        # save (connections, MQTT and spool are closed), so leave at once.
+        log.warning("the inference thread is still inside llama.cpp; exiting without it")
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

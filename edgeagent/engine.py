@@ -440,6 +440,11 @@ class Engine:
         return left
 
     @property
+    def thread_alive(self) -> bool:
+        """The inference thread still runs (after stop(): stuck inside a llama.cpp call)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 

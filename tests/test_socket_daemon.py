@@ -281,11 +281,13 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(
 def test_sigterm_during_a_long_prompt_still_answers_and_exits_zero(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
-    # No time to drain, and a ~3,000-token prompt keeps the engine inside one llama.cpp call
-    # for seconds, well past the cancel's grace: the dispatcher itself must answer it.
-    d = daemon_factory(n_ctx=4096, engine_extra="drain_timeout_s = 0.0")
+    # No time to drain, and a ~3,500-token prompt on one thread keeps the engine inside one
+    # llama.cpp call for many seconds, past the cancel's grace and the exit's wait for the
+    # inference thread: the dispatcher itself must answer, and the exit must not crash.
+    d = daemon_factory(n_ctx=4096, engine_extra="drain_timeout_s = 0.0",
+                       extra="[cpu]\nthreads = 1\n")  # fmt: skip
     with connect(d.socket_path) as c:
-        c.send({"id": "long", "prompt": "belts move boxes " * 1000, "max_tokens": 4})
+        c.send({"id": "long", "prompt": "belts move boxes " * 1150, "max_tokens": 4})
         deadline = time.monotonic() + 30
         with connect(d.socket_path) as probe:
             while not probe.op("status")["generating"]:
@@ -300,6 +302,7 @@ def test_sigterm_during_a_long_prompt_still_answers_and_exits_zero(
             c.read()  # nothing more for it, and the connection is closed
     assert d.stop() == 0, d.log()
     assert "still running after the cancel" in d.log()
+    assert "still inside llama.cpp; exiting without it" in d.log()
     assert "Traceback" not in d.log()
 
 
