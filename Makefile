@@ -7,9 +7,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+SOAK_ARGS ?=
 LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: run test lint typecheck model system-deps venv bench llama-server install clean help
+.PHONY: run test lint typecheck model system-deps venv bench llama-server soak reliability-report \
+	install clean help
 
 help:
 	@echo "make run    - set up everything, then run the daemon in the foreground"
@@ -17,6 +19,9 @@ help:
 	@echo "make bench  - benchmark the daemon against raw llama-cpp-python, llama_cpp.server and"
 	@echo "              llama-server (one client, then 1-8 concurrent clients)"
 	@echo "make llama-server - build llama.cpp's llama-server (the benchmark's reference), print its path"
+	@echo "make soak   - 30 minutes of mixed load and faults, checked for losses and leaks"
+	@echo "              (not part of make test; SOAK_ARGS='--minutes 3' for a short one)"
+	@echo "make reliability-report - rebuild docs/reliability.md from run/reliability/"
 
 venv: $(STAMP)
 
@@ -67,6 +72,12 @@ bench: $(STAMP) model
 # the wheel; prints the binary's path (alone on stdout with `make -s llama-server`).
 llama-server: $(STAMP)
 	@scripts/build-llama-server.sh $(LLAMA_VERSION) $(BIN)/python
+
+soak: $(STAMP) model system-deps
+	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
+
+reliability-report: $(STAMP)
+	$(BIN)/python scripts/reliability_report.py
 
 install:
 	$(SUDO) scripts/install.sh
