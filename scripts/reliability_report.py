@@ -28,6 +28,7 @@ from tests.reliability import results_dir
 COUNTS = ("accepted", "answered", "lost", "duplicated")
 TEXTS = ("load", "faults", "inputs")
 SOAK = "soak"
+SOAK_HEADING = "The soak run"  # not "Soak": the category's table already has that anchor
 
 INTRO = """\
 # Reliability
@@ -130,7 +131,7 @@ def category_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for row in sorted(rows, key=lambda r: str(r["scenario"])):
         figures = (
-            "see [the soak section](#soak)"
+            f"see [{SOAK_HEADING}](#{anchor(SOAK_HEADING)})"
             if row["category"] == SOAK
             else figures_cell(row.get("figures"))
         )
@@ -150,7 +151,7 @@ def category_order(categories: set[str]) -> list[str]:
 
 
 def soak_section(rows: list[dict[str, Any]], output: Path) -> list[str]:
-    out = ["## Soak", "", SOAK_INTRO, ""]
+    out = [f"## {SOAK_HEADING}", "", SOAK_INTRO, ""]
     for row in sorted(rows, key=lambda r: str(r["scenario"])):
         figures: dict[str, Any] = row["figures"] if isinstance(row.get("figures"), dict) else {}
         if len(rows) > 1:
@@ -190,11 +191,22 @@ def render(records: list[dict[str, Any]], problems: list[str], output: Path) -> 
             if lost == 0 and duplicated == 0
             else f"**{lost} lost and {duplicated} duplicated: see the rows in bold.**"
         )
+        failed_soaks = [
+            r for r in by_category.get(SOAK, []) if (r.get("figures") or {}).get("result") == "FAIL"
+        ]
+        if failed_soaks:
+            verdict += (
+                f" **The soak failed its checks: see [{SOAK_HEADING}](#{anchor(SOAK_HEADING)}).**"
+            )
+        when = ""
+        if stamps:
+            when = f", recorded {stamps[0]}" + (
+                f" to {stamps[-1]}" if stamps[-1] != stamps[0] else ""
+            )
         lines += [
             "## Summary",
             "",
-            f"{len(records)} scenarios in {len(by_category)} categories"
-            + (f", recorded {stamps[0]} to {stamps[-1]}" if stamps else "")
+            f"{plural(len(records), 'scenario')} in {plural(len(by_category), 'category')}{when}"
             + f": {total(records, 'accepted')} requests accepted, "
             f"{total(records, 'answered')} answered; {verdict}",
             "",
@@ -219,6 +231,12 @@ def render(records: list[dict[str, Any]], problems: list[str], output: Path) -> 
         lines += [f"- {p}" for p in problems]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def plural(n: int, noun: str) -> str:
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
 
 
 def anchor(heading: str) -> str:

@@ -14,15 +14,26 @@ that fills the queue. Every --fault-every seconds one fault hits the stack:
 - the local broker restarted; the cloud broker flapping (down and up three times);
 - the cloud worker killed with SIGKILL while it streams an answer, then started again.
 
+The daemon runs one inference thread (the stand-in takes the other core of a small box) and
+small caches (4 sessions of 4 turns, 32 MB of saved session state), and each daemon process
+first gets a prompt longer than any of the load's, so that bounded buffers fill during the
+warm-up and growth after it means a leak.
+
 Every 5 s a row goes to soak.csv: daemon RSS, open fds, threads, requests sent, answered,
 errors and busy, answer latency p50/p95 over the last 30 s, spool depth, link states. At the
 end the load stops, the stack drains, and the run fails (exit 1) when:
 
 - an accepted request got no final event (lost) or more than one (duplicated), counted per
-  request id from what the clients received; a socket request counts as accepted once the
-  daemon said anything about it, an MQTT one once the broker acknowledged it;
-- an escalation that was queued or timed out is not answered by the cloud in the end, or
-  one got more than one `cloud_answer`;
+  request id from what the clients received. Accepted means not refused with `busy` and, on
+  the socket, not written to a connection the daemon had already closed or cut off by a
+  daemon restart before the daemon said anything about it (allowed only during a restart);
+  on MQTT, acknowledged by the broker (or answered);
+- a malformed request is not refused with `bad_request`;
+- an escalation that was queued, timed out or failed over is not answered by the cloud in
+  the end, or one got more than one `cloud_answer`;
+- a streamed answer's tokens are not its text, unless a known cause explains it (a cloud
+  timeout, a cloud worker killed during the answer, an MQTT broker restart during it): the
+  explained ones are counted;
 - the daemon leaks over the last two thirds: least-squares growth of RSS of 20 MB or more,
   of open fds by more than 4, of threads by more than 2.
 

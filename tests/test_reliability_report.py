@@ -59,6 +59,7 @@ def test_every_scenario_in_a_table_per_category(tmp_path: Path) -> None:
         ["[overload](#overload)", "1", "24", "24", "0", "1"],
     ]
     assert "**2 lost and 1 duplicated: see the rows in bold.**" in page
+    assert "The soak failed" not in page
     assert rows_of(page, "faults") == [[
         "broker_killed_mid_stream", "40 requests over MQTT", "local broker SIGKILL + restart",
         "plain requests", "40", "40", "0", "0", 'reconnect_s: 1.23; codes: {"done":40}',
@@ -67,7 +68,8 @@ def test_every_scenario_in_a_table_per_category(tmp_path: Path) -> None:
     assert overload[3] == "socket \\| MQTT"  # a pipe inside a cell is escaped
     assert overload[7] == "**1**" and overload[8] == "busy_p99_ms: 3.5"
     assert rows_of(page, "fuzz")[0][6] == "**2**"
-    assert "## Soak" not in page
+    assert "## The soak run" not in page
+    assert "3 scenarios in 3 categories" in page
 
 
 def test_soak_section_with_its_figures_and_plot(tmp_path: Path) -> None:
@@ -78,19 +80,22 @@ def test_soak_section_with_its_figures_and_plot(tmp_path: Path) -> None:
     plot.write_bytes(b"\x89PNG")
     write(results, "soak", category="soak", load="30 min steady", faults="3 x worker kill",
           accepted=900, answered=900, figures={
-              "summary": "30.0 minutes, 1000 requests sent. Passed.",
-              "command": "make soak", "plot": str(plot), "rss_growth_mb": 4.2,
+              "summary": "30.0 minutes, 1000 requests sent. FAILED: leak.",
+              "command": "make soak", "plot": str(plot), "result": "FAIL",
+              "rss_growth_mb": 24.2,
           })  # fmt: skip
     write(results, "cloud_flap", load="escalations", accepted=10, answered=10)
     page = report(results, docs / "reliability.md")
 
-    assert page.index("## faults") < page.index("## soak") < page.index("## Soak")
-    assert rows_of(page, "soak")[0][-1] == "see [the soak section](#soak)"
-    soak = page.split("## Soak\n", 1)[1]
-    assert "30.0 minutes, 1000 requests sent. Passed." in soak
+    assert page.index("## faults") < page.index("## soak") < page.index("## The soak run")
+    assert rows_of(page, "soak")[0][-1] == "see [The soak run](#the-soak-run)"
+    soak = page.split("## The soak run\n", 1)[1]
+    assert "The soak failed its checks: see [The soak run](#the-soak-run)." in page
+    assert "2 scenarios in 2 categories, recorded 2026-01-02T03:04:05Z:" in page
+    assert "30.0 minutes, 1000 requests sent. FAILED: leak." in soak
     assert "Recorded 2026-01-02T03:04:05Z by `make soak`." in soak
     assert "![soak: RSS, fds, threads, load and latency over time](soak.png)" in soak
-    assert rows_of(page, "Soak") == [["rss_growth_mb", "4.2"]]
+    assert rows_of(page, "The soak run") == [["result", "FAIL"], ["rss_growth_mb", "24.2"]]
 
 
 def test_no_records_and_unreadable_ones(tmp_path: Path) -> None:
