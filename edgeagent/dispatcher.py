@@ -222,9 +222,9 @@ class Dispatcher:
         try:
             await asyncio.wait_for(self.idle.wait(), CANCEL_GRACE_S)
         except asyncio.TimeoutError:
-            # The engine stops a request between tokens, not inside one llama.cpp call (a long
-            # prompt's evaluation): answer what is still running here, so every request still
-            # gets its final event before the connections close.
+            # The engine stops a request between decode steps, not inside one llama.cpp call (a
+            # prompt batch on a slow or busy box): answer what is still running here, so every
+            # request still gets its final event before the connections close.
             stuck = list(self._inflight.values())
             log.warning("%d request(s) still running after the cancel; answering them now",
                         len(stuck))  # fmt: skip

@@ -7,11 +7,12 @@ import signal
 import socket
 import stat
 import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from tests.conftest import Conn, Daemon, connect
+from tests.conftest import Conn, Daemon, config_text, connect
 
 ASK = "What does the abbreviation PLC mean in industrial automation?"
 
@@ -279,28 +280,34 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(
 
 
 def test_sigterm_during_a_long_prompt_still_answers_and_exits_zero(
-    daemon_factory: Callable[..., Daemon],
+    tmp_path: Path, model_file: Path
 ) -> None:
-    # No time to drain, and a ~3,500-token prompt on one thread keeps the engine inside one
-    # llama.cpp call for many seconds, past the cancel's grace and the exit's wait for the
-    # inference thread: the dispatcher itself must answer, and the exit must not crash.
-    d = daemon_factory(n_ctx=4096, engine_extra="drain_timeout_s = 0.0",
-                       extra="[cpu]\nthreads = 1\n")  # fmt: skip
-    with connect(d.socket_path) as c:
-        c.send({"id": "long", "prompt": "belts move boxes " * 1150, "max_tokens": 4})
-        deadline = time.monotonic() + 30
-        with connect(d.socket_path) as probe:
-            while not probe.op("status")["generating"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        assert d.proc is not None
-        d.proc.send_signal(signal.SIGTERM)
-        events = c.until_final("long")
-        assert [e["event"] for e in events] == ["error"], events
-        assert events[0]["code"] == "cancelled"
-        with pytest.raises(EOFError):
-            c.read()  # nothing more for it, and the connection is closed
-    assert d.stop() == 0, d.log()
+    # No time to drain, and a ~3,500-token prompt read in one batch on one thread keeps the
+    # engine inside one llama.cpp call for many seconds, past the cancel's grace and the exit's
+    # wait for the inference thread: the dispatcher itself must answer, and the exit must not
+    # crash.
+    text = config_text(n_ctx=4096, engine_extra="drain_timeout_s = 0.0")
+    text = text.replace("[model]\n", "[model]\nn_batch = 4096\n") + "[cpu]\nthreads = 1\n"
+    d = Daemon(tmp_path, text).start()
+    try:
+        with connect(d.socket_path) as c:
+            c.send({"id": "long", "prompt": "belts move boxes " * 1150, "max_tokens": 4})
+            deadline = time.monotonic() + 30
+            with connect(d.socket_path) as probe:
+                while not probe.op("status")["generating"]:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            time.sleep(1.0)  # inside the prompt's one llama_decode, which takes far longer
+            assert d.proc is not None
+            d.proc.send_signal(signal.SIGTERM)
+            events = c.until_final("long")
+            assert [e["event"] for e in events] == ["error"], events
+            assert events[0]["code"] == "cancelled"
+            with pytest.raises(EOFError):
+                c.read()  # nothing more for it, and the connection is closed
+        assert d.stop() == 0, d.log()
+    finally:
+        d.stop()
     assert "still running after the cancel" in d.log()
     assert "still inside llama.cpp; exiting without it" in d.log()
     assert "Traceback" not in d.log()
