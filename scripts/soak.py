@@ -344,7 +344,7 @@ class Stack:
             f'[model]\npath = "{model_file}"\nn_ctx = 2048\nmax_tokens = 64\ntemperature = 0.2\n'
             "[cpu]\nthreads = 1\n"  # the stand-in takes the other core; robust beside other load
             "[engine]\nqueue_size = 8\nmax_sessions = 4\nsession_max_turns = 4\n"
-            "session_cache_mb = 32\n"
+            f'session_cache_mb = 32\nprefix_cache_dir = "{work / "prefix"}"\n'
             f'[socket]\npath = "{self.socket_path}"\n'
             '[log]\nlevel = "info"\n'
             f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {self.local.port}\n'
