@@ -605,7 +605,8 @@ def write_docs(report: str, results: dict[str, list[Phase]]) -> None:
         text += f"\n{MARK_BEGIN}\n{MARK_END}\n"
     head, rest = text.split(MARK_BEGIN, 1)
     _, tail = rest.split(MARK_END, 1)
-    doc.write_text(f"{head}{MARK_BEGIN}\n{report}\n{MARK_END}{tail}")
+    figure = "![tokens/s and TTFT p95 by number of clients](benchmarks-concurrency.png)"
+    doc.write_text(f"{head}{MARK_BEGIN}\n{report}\n\n{figure}\n{MARK_END}{tail}")
     import matplotlib
 
     matplotlib.use("Agg")
