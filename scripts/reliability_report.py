@@ -114,7 +114,9 @@ def count_cell(row: dict[str, Any], key: str) -> str:
 
 
 def figures_cell(figures: Any) -> str:
-    if not isinstance(figures, dict) or not figures:
+    if not figures:
+        return cell(None)
+    if not isinstance(figures, dict):
         return cell(figures)
     return "; ".join(f"{cell(k)}: {cell(v)}" for k, v in figures.items())
 

@@ -68,6 +68,7 @@ def test_every_scenario_in_a_table_per_category(tmp_path: Path) -> None:
     assert overload[3] == "socket \\| MQTT"  # a pipe inside a cell is escaped
     assert overload[7] == "**1**" and overload[8] == "busy_p99_ms: 3.5"
     assert rows_of(page, "fuzz")[0][6] == "**2**"
+    assert rows_of(page, "fuzz")[0][8] == "—"  # no figures
     assert "## The soak run" not in page
     assert "3 scenarios in 3 categories" in page
 
