@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from edgeagent import __version__, config, cpu, models
+from edgeagent import __version__, config, cpu, heap, models
 from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
@@ -306,4 +306,5 @@ async def serve(cfg: Config, started: float) -> int:
 def run(cfg: Config) -> int:
     started = time.monotonic()
     setup_logging(cfg.log.level)
+    heap.tune()
     return asyncio.run(serve(cfg, started))

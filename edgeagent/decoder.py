@@ -196,7 +196,9 @@ class BatchDecoder:
         size = lib.llama_state_seq_get_size(self.ctx, slot.seq)
         buf = (ctypes.c_uint8 * size)()
         n = lib.llama_state_seq_get_data(self.ctx, buf, size, slot.seq)
-        return bytes(buf[:n])
+        # string_at copies the bytes once; slicing a ctypes array would build a list of n ints
+        # (8 bytes each), a transient many times the state's size on every saved turn.
+        return ctypes.string_at(buf, n)
 
     def load(self, slot: Slot, tokens: list[int], state: bytes) -> bool:
         """Replace the slot's cells with saved ones; False (and an empty slot) if refused."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from edgeagent import protocol
+from edgeagent import heap, protocol
 from edgeagent.config import Config
 from edgeagent.cpu import Placement, pin_current_thread
 from edgeagent.decoder import BatchDecoder, Slot, common_prefix
@@ -521,7 +521,11 @@ class Engine:
             self._dec.close() if self._dec is not None else None
 
     def _serve(self) -> None:
+        worked = False
         while True:
+            if worked and not self._active and not self._queue:
+                heap.trim()  # idle: hand the freed session buffers back to the kernel
+                worked = False
             with self._cond:
                 while not self._queue and not self._active and not self._stopping:
                     self._cond.wait()
@@ -534,6 +538,7 @@ class Engine:
             for job in starting:
                 self._start(job)
             if self._active:
+                worked = True
                 self._compact()
                 self._step()
 
