@@ -97,7 +97,12 @@ class CloudWorker:
         )
         self._lock = threading.Lock()
         self._generation = 0
-        self._running: dict[str, list[tuple[int, int, int]]] = {}  # id -> (mid, qos, generation)
+        # id -> [(mid, qos, generation), ...]: the first delivery and any duplicate of it
+        self._running: dict[str, list[tuple[int, int, int]]] = {}
+        # id -> reply addresses of duplicates that came while it ran: answered too, because
+        # the first answer may have gone out while the asker was not subscribed (a broker
+        # restarted without persistence) and the duplicate is the asker asking again.
+        self._again: dict[str, list[tuple[str, Optional[bytes]]]] = {}
         self._answered: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._stop = threading.Event()
         self.client = new_client(
@@ -180,6 +185,7 @@ class CloudWorker:
             final = self._answered.get(esc_id)
             if final is None and esc_id in self._running:
                 self._running[esc_id].append(delivery)  # acknowledged with the first one
+                self._again.setdefault(esc_id, []).append((reply, correlation))
                 log.info("escalation %s delivered again while running", esc_id)
                 return
             if final is None:
@@ -202,6 +208,10 @@ class CloudWorker:
             while len(self._answered) > RECENT_ANSWERS:
                 self._answered.popitem(last=False)
             deliveries = self._running.pop(esc_id, [])
+            again = self._again.pop(esc_id, [])
+        for address in dict.fromkeys(again):  # the asker records one answer per id
+            log.info("escalation %s was asked again while running; replaying its answer", esc_id)
+            self._publish(address[0], final, address[1], wait=True)
         self._ack(deliveries)
 
     def _complete(self, esc: dict[str, Any], reply: str,
@@ -225,6 +235,9 @@ class CloudWorker:
             headers=headers,
         )
         t0 = time.monotonic()
+        # An answer can be streamed more than once (this worker restarted mid-answer and the
+        # broker gave the escalation back): `start` tells the edge to drop what came before.
+        self._publish(reply, {"event": "start", "escalation_id": esc_id}, correlation)
         parts: list[str] = []
         pending: list[str] = []
         last_flush, first_at = 0.0, None

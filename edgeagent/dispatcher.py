@@ -22,6 +22,7 @@ from edgeagent import __version__, policy, protocol
 from edgeagent import spool as sp
 from edgeagent.config import Config
 from edgeagent.engine import Engine, EngineBusy, EngineStopped, Event, Job
+from edgeagent.escalation import SpoolError
 from edgeagent.protocol import Op, ProtocolError, Request
 
 if TYPE_CHECKING:
@@ -113,8 +114,8 @@ class _Inflight:
     """One accepted request until its final event: answered locally, by the cloud, or both."""
 
     __slots__ = (
-        "cloud_started", "cloud_timer", "deadline", "esc_id", "escalation", "finished", "job",
-        "request", "sink", "timer",
+        "cloud_started", "cloud_streamed", "cloud_timer", "deadline", "esc_id", "escalation",
+        "finished", "job", "request", "sink", "timer",
     )  # fmt: skip
 
     def __init__(self, request: Request, sink: ReplySink, deadline: float) -> None:
@@ -126,6 +127,7 @@ class _Inflight:
         self.esc_id: Optional[str] = None
         self.cloud_timer: Optional[asyncio.TimerHandle] = None
         self.cloud_started = 0.0
+        self.cloud_streamed = False  # cloud tokens went to the requester
 
 
 def escalation_id(node_id: str, sink: ReplySink, req: Request) -> str:
@@ -144,6 +146,9 @@ class _CloudWaiter:
 
     def __init__(self, dispatcher: Dispatcher, entry: _Inflight) -> None:
         self.d, self.entry = dispatcher, entry
+
+    def on_start(self) -> None:
+        self.d._cloud_restart(self.entry)
 
     def on_token(self, text: str) -> None:
         self.d._cloud_token(self.entry, text)
@@ -280,13 +285,22 @@ class Dispatcher:
             self._spawn(self._escalate(entry, reason))
 
     def _ask_local(self, entry: _Inflight, want_confidence: bool = False,
-                   registered: bool = True) -> bool:  # fmt: skip
-        """Queue the request for the local model; False (and the client told) when it can't."""
+                   registered: bool = True, spooled: bool = False) -> bool:  # fmt: skip
+        """Queue the request for the local model; False (and the client told) when it can't.
+
+        `spooled`: the question also waits in the escalation spool, so a full local queue
+        is not a refusal: the requester gets the `queued` answer and the cloud's follow-up.
+        """
 
         def emit(event: Event) -> None:  # any thread
             self.loop.call_soon_threadsafe(self._deliver, entry, event)
 
         req, sink = entry.request, entry.sink
+        if entry.cloud_streamed:
+            # The cloud's answer broke off after some of it was streamed: the requester drops
+            # those tokens, and the local answer's tokens join up to `done.text` again.
+            entry.cloud_streamed = False
+            self._deliver(entry, protocol.reset_event(req.id, "the cloud answer broke off"))
         priority = sink.priority if req.priority is None else req.priority
         job = Job(req, emit, entry.deadline, client=sink.scope, priority=priority)
         job.want_confidence = want_confidence
@@ -298,6 +312,10 @@ class Dispatcher:
                 if isinstance(exc, EngineBusy)
                 else "shutting down; try another node"
             )
+            if spooled and isinstance(exc, EngineBusy) and entry.escalation is not None:
+                entry.escalation["local"] = "busy"
+                self._deliver(entry, self._queued_done(entry))
+                return False
             event = protocol.error_event(entry.request.id, protocol.BUSY, message)
             if registered:
                 self._deliver(entry, event)
@@ -322,6 +340,10 @@ class Dispatcher:
                 escalation_id(self.cfg.node_id, entry.sink, req), req.id, reason.as_dict(),
                 self._cloud_payload(req, reason), entry.sink.reply_address,
             )  # fmt: skip
+        except SpoolError as exc:  # disk full, I/O error: the message says which, no traceback
+            log.error("escalating %s failed: %s", req.id, exc)
+            self._deliver(entry, protocol.error_event(req.id, protocol.INTERNAL, str(exc)))
+            return
         except Exception as exc:
             log.exception("escalating %s failed", req.id)
             self._deliver(entry, protocol.error_event(req.id, protocol.INTERNAL, str(exc)))
@@ -346,7 +368,7 @@ class Dispatcher:
         if offline == "queue":
             self._deliver(entry, self._queued_done(entry))
         else:
-            self._ask_local(entry)
+            self._ask_local(entry, spooled=True)
 
     def _cloud_payload(self, req: Request, reason: policy.Reason) -> dict[str, Any]:
         """What goes to the cloud: the conversation so far, redacted."""
@@ -371,6 +393,14 @@ class Dispatcher:
             "node_id": self.cfg.node_id, "finish_reason": "queued",
         }  # fmt: skip
 
+    def _cloud_restart(self, entry: _Inflight) -> None:
+        """The cloud starts (again) on this answer: tokens it streamed before are void."""
+        if entry.finished or entry.job is not None or not entry.cloud_streamed:
+            return
+        entry.cloud_streamed = False
+        event = protocol.reset_event(entry.request.id, "the cloud restarted its answer")
+        self._deliver(entry, event)
+
     def _cloud_token(self, entry: _Inflight, text: str) -> None:
         if entry.finished or entry.job is not None:
             return
@@ -380,6 +410,7 @@ class Dispatcher:
                 self.cfg.escalation.timeout_s, self._cloud_timeout, entry
             )
         if entry.request.stream:
+            entry.cloud_streamed = True
             self._deliver(entry, protocol.token_event(entry.request.id, text))
 
     def _cloud_final(self, entry: _Inflight, event: dict[str, Any]) -> None:
@@ -423,7 +454,7 @@ class Dispatcher:
                  entry.esc_id, self.cfg.escalation.timeout_s)  # fmt: skip
         self.escalator.detach(entry.esc_id, entry.sink)
         entry.escalation["status"] = "timeout"
-        self._ask_local(entry)
+        self._ask_local(entry, spooled=True)
 
     async def _second_opinion(self, entry: _Inflight, event: Event, reason: policy.Reason) -> None:
         """A local answer the model was unsure of: deliver it, and ask the cloud as well."""

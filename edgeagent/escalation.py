@@ -16,6 +16,7 @@ import concurrent.futures
 import json
 import logging
 import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar
 
@@ -52,6 +53,8 @@ class SpoolError(Exception):
 
 class CloudWaiter(Protocol):
     """A request waiting for its escalation's answer, as it streams."""
+
+    def on_start(self) -> None: ...
 
     def on_token(self, text: str) -> None: ...
 
@@ -268,7 +271,8 @@ class Escalator:
         self.followups: Optional[FollowupPublisher] = None  # the MQTT front end, when enabled
         self.counters: collections.Counter[str] = collections.Counter()
         self.spool_counts: dict[str, int] = {}
-        self._inflight: set[str] = set()  # sent on the current link, not answered yet
+        # sent on the current link, not answered yet: id -> when it was (last) sent
+        self._inflight: dict[str, float] = {}
         self._waiters: dict[str, CloudWaiter] = {}
         self._terminals: dict[str, ReplySink] = {}  # open connections waiting for a follow-up
         self._pumping = False
@@ -415,7 +419,7 @@ class Escalator:
             self._pumping = False
 
     def _send(self, entry: Entry) -> None:
-        self._inflight.add(entry.id)
+        self._inflight[entry.id] = time.monotonic()
         self.counters["sent"] += 1
         self.link.publish_ask(entry.id, {**entry.payload, "escalation_id": entry.id})
 
@@ -432,7 +436,11 @@ class Escalator:
         if not isinstance(esc_id, str):
             esc_id = correlation.decode(errors="replace") if correlation else ""
         kind = event.get("event")
-        if kind == "token":
+        if kind == "start":
+            waiter = self._waiters.get(esc_id)
+            if waiter is not None:
+                waiter.on_start()
+        elif kind == "token":
             waiter = self._waiters.get(esc_id)
             if waiter is not None and isinstance(event.get("text"), str):
                 waiter.on_token(event["text"])
@@ -444,7 +452,7 @@ class Escalator:
         keep = ("text", "model", "finish_reason", "usage", "code", "message")
         answer = {k: event[k] for k in keep if k in event}
         changed = await self._db(self.spool.finish, esc_id, state, answer)
-        self._inflight.discard(esc_id)
+        self._inflight.pop(esc_id, None)
         self.pump()
         if not changed:
             self.counters["duplicate_answers"] += 1
@@ -481,6 +489,28 @@ class Escalator:
 
     async def _maintenance(self) -> None:
         while True:
-            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            await asyncio.sleep(min(MAINTENANCE_INTERVAL_S, self.cfg.escalation.resend_s / 2))
             await self._maintain()
+            await self._resend_unanswered()
             self.pump()
+
+    async def _resend_unanswered(self) -> None:
+        """Ask again what was sent resend_s ago on a link that stayed up and got no answer.
+
+        The broker acknowledged it, but an answer can still go missing between worker and
+        edge (a worker that died after its broker forgot the escalation, an answer published
+        while we were resubscribing). The worker answers a duplicate once, so this is safe.
+        """
+        if not self.link.up:
+            return
+        stale = time.monotonic() - self.cfg.escalation.resend_s
+        old = [esc_id for esc_id, sent in self._inflight.items() if sent <= stale]
+        for esc_id in old:
+            entry = await self._db(self.spool.get, esc_id)
+            if entry is None or entry.state != sp.WAITING or esc_id not in self._inflight:
+                self._inflight.pop(esc_id, None)
+                continue
+            self.counters["resent"] += 1
+            log.info("escalation %s unanswered for %.0f s; asking again", esc_id,
+                     self.cfg.escalation.resend_s)  # fmt: skip
+            self._send(entry)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import logging
 import time
@@ -398,6 +399,10 @@ class MqttLink:
                 self.counters["dropped"] += 1
                 self._ack(delivery)
                 return
+            # A refused message delivered again is refused once, like a request answered once.
+            if self._redelivered(("refused", reply_topic, correlation,
+                                  hashlib.sha256(payload).digest()), delivery, dup):  # fmt: skip
+                return
             sink = MqttReplySink(self, reply_topic, correlation, delivery)
             self.dispatcher.stats.errors[protocol.BAD_REQUEST] += 1
             sink.send(protocol.error_event(rid, protocol.BAD_REQUEST, message))
@@ -425,23 +430,30 @@ class MqttLink:
             obj["id"] = correlation.hex()[:64] if correlation else uuid.uuid4().hex
         # Only a valid id goes into the key: any other JSON value may be unhashable.
         rid = protocol.request_id_of(obj) if isinstance(obj, dict) else None
-        key = (reply_topic, correlation, rid)
-        known = self._recent.get(key)
-        if dup and known is not None:
-            # The broker delivered this request again (we had not acknowledged it yet).
-            self.counters["duplicates"] += 1
-            known.mid, known.qos, known.generation, known.acked = mid, qos, self._generation, False
-            if known.final_sent:
-                self._ack(known)
-            log.info("request %s to %s delivered again; answering it once", key[2], reply_topic)
+        if self._redelivered((reply_topic, correlation, rid), delivery, dup):
             return
-        self._recent[key] = delivery
-        while len(self._recent) > RECENT_REQUESTS:
-            self._recent.popitem(last=False)
         sink = MqttReplySink(self, reply_topic, correlation, delivery)
         self.dispatcher.handle_decoded(obj, sink, via_deep_topic=topic == self.topics.ask_deep)
         if isinstance(obj, dict) and "op" in obj:
             self._ack(delivery)  # control ops are answered at once
+
+    def _redelivered(self, key: tuple[Any, ...], delivery: _Delivery, dup: bool) -> bool:
+        """True for a message the broker delivered again (we had not acknowledged it yet):
+        it is acknowledged once its first answer is, never answered twice. Else remember it."""
+        known = self._recent.get(key)
+        if dup and known is not None:
+            self.counters["duplicates"] += 1
+            known.mid, known.qos, known.generation = delivery.mid, delivery.qos, delivery.generation
+            known.acked = False
+            if known.final_sent:
+                self._ack(known)
+            what = "a refused message" if key[0] == "refused" else f"request {key[-1]}"
+            log.info("%s to %s delivered again; answering it once", what, key[-3])
+            return True
+        self._recent[key] = delivery
+        while len(self._recent) > RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+        return False
 
     async def _publish_metrics(self) -> None:
         while True:

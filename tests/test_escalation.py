@@ -389,3 +389,107 @@ def test_sigterm_stops_cleanly_with_the_spool_open(
         assert_cloud_answer(ask(c, "s1", "Name a metal.", escalate=True), "flag")
     assert d.stop() == 0, d.log()
     assert "Traceback" not in d.log()
+
+
+class ForgetfulWorker:
+    """A cloud worker whose first answer to each escalation never reaches the edge (as when it
+    is published while the edge resubscribes to a broker that restarted). It says it is online,
+    takes every ask, and answers an escalation id only when that id is asked a second time."""
+
+    def __init__(self, port: int) -> None:
+        self.asks: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: dict[str, int] = {}
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_connect(self, c: mqtt.Client, *_: Any) -> None:
+        c.subscribe("edgeagent-cloud/ask", 1)
+        c.publish("edgeagent-cloud/worker/forgetful/status", json.dumps({"state": "online"}), 1,
+                  retain=True)  # fmt: skip
+
+    def _on_message(self, c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        ask = json.loads(msg.payload)
+        esc_id = ask["escalation_id"]
+        self.seen[esc_id] = self.seen.get(esc_id, 0) + 1
+        self.asks.put(ask)
+        if self.seen[esc_id] == 2:
+            props = mqtt.Properties(mqtt.PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.CorrelationData = msg.properties.CorrelationData
+            answer = {"event": "done", "escalation_id": esc_id, "text": "Asked twice: steel.",
+                      "model": "forgetful", "finish_reason": "stop"}  # fmt: skip
+            c.publish(msg.properties.ResponseTopic, json.dumps(answer), 1, properties=props)
+
+    def close(self) -> None:
+        self.client.publish("edgeagent-cloud/worker/forgetful/status", b"", 1, retain=True)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_unanswered_escalation_is_asked_again_on_a_link_that_stayed_up(
+    stack: dict[str, Any], daemon_factory: Callable[..., Daemon],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:  # fmt: skip
+    cloud = Broker(tmp_path_factory.mktemp("forgetful-broker")).start()
+    worker = ForgetfulWorker(cloud.port)
+    try:
+        d = daemon_factory(
+            node_id="esc-resend",
+            extra=daemon_extra(stack, "resend", cloud_port=cloud.port, resend_s=2.0, timeout_s=1.0),
+        )
+        wait_link(d, True)
+        with connect(d.socket_path) as c:
+            c.send({"id": "again", "prompt": "Name a metal.", "max_tokens": 8, "escalate": True})
+            done = c.until_final("again")[-1]
+            assert done["source"] == "local" and done["escalation"]["status"] == "timeout", done
+            while True:  # the answer to the second ask comes to the connection still open
+                event = c.read()
+                if event["event"] == "cloud_answer":
+                    break
+            time.sleep(3)  # a second answer would come now: the worker has none to give
+            c.send({"op": "status"})
+            extra = []
+            while (late := c.read())["event"] != "status":
+                extra.append(late)
+            status = late["escalation"]
+    finally:
+        worker.close()
+        cloud.stop()
+    esc_id = done["escalation"]["id"]
+    assert worker.seen == {esc_id: 2}, worker.seen
+    assert event["escalation_id"] == esc_id and event["text"] == "Asked twice: steel."
+    assert extra == [], extra
+    assert status["resent"] == 1 and status["link"].get("disconnects", 0) == 0, status
+
+
+def test_full_local_queue_gives_the_queued_answer_when_the_escalation_is_stored(
+    stack: dict[str, Any], daemon_factory: Callable[..., Daemon]
+) -> None:
+    """offline = local+queue, cloud down, local queue full: the question is already on disk,
+    so the requester hears `queued` (and later the cloud), not `busy`."""
+    d = daemon_factory(
+        node_id="esc-full",
+        queue_size=1,
+        engine_extra="parallel = 1",
+        extra=daemon_extra(stack, "full", cloud_port=free_port()),  # no cloud: link stays down
+    )
+    long = {"prompt": "Count from 1 to 400, one number per line.", "max_tokens": 200}
+    with connect(d.socket_path) as a, connect(d.socket_path) as b, connect(d.socket_path) as c:
+        a.send({"id": "runs", **long})
+        assert a.read()["event"] == "token"  # the one slot is taken
+        b.send({"id": "waits", **long})
+        deadline = time.monotonic() + 30
+        while c.op("status")["queue_depth"] < 1:  # the one queue place is taken
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        c.send({"id": "esc", "prompt": "Name a metal.", "max_tokens": 8, "escalate": True})
+        final = c.until_final("esc")[-1]
+        result = c.op("result", id="esc")
+        for conn, rid in ((a, "runs"), (b, "waits")):
+            conn.send({"op": "cancel", "id": rid})
+            assert conn.until_final(rid)[-1]["event"] in ("done", "error")
+    assert final["event"] == "done" and final["source"] == "queued", final
+    assert final["escalation"]["status"] == "queued" and final["escalation"]["local"] == "busy"
+    assert result["status"] == "queued" and result["escalation_id"] == final["escalation"]["id"]

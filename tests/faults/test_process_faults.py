@@ -268,7 +268,12 @@ def test_cloud_worker_kill_9_mid_answer(
     assert t["lost"] == 0 and t["duplicated"] == 0, t
     w0 = [e for e in events if e.get("id") == "w0"]
     w0_done = next(e for e in w0 if e["event"] == "done")
-    streamed = "".join(e["text"] for e in w0 if e["event"] == "token")
+    resets = [i for i, e in enumerate(w0) if e["event"] == "reset"]
+    since = w0[resets[-1] + 1 :] if resets else w0
+    streamed = "".join(e["text"] for e in since if e["event"] == "token")
+    # Streamed before the kill, then either streamed again by the restarted worker or
+    # answered locally after a cloud timeout: a reset voids the first part either way.
+    assert resets and streamed == w0_done["text"], w0
     record(
         "process: cloud worker kill -9 mid-answer",
         category="process",
@@ -281,7 +286,7 @@ def test_cloud_worker_kill_9_mid_answer(
         duplicated=t["duplicated"],
         figures={
             "outcomes": t["statuses"],
-            "w0_tokens_match_done_text": streamed == w0_done["text"],
+            "w0_resets": len(resets),
         },
     )
 
@@ -339,6 +344,7 @@ def test_spool_disk_full(
     expected = [f"a{i}" for i in range(3)] + taken + [f"b{i}" for i in range(2)]
     assert [rid for rid, _ in rows] == expected  # what was acknowledged is there, nothing else
     assert "database or disk is full" in d.log()
+    assert "Traceback" not in d.log()  # an operator's problem, said in one line
     record(
         "process: spool disk full",
         category="process",
