@@ -3,8 +3,8 @@
 Requests wait in a bounded priority queue, join the running batch between decode steps
 (continuous batching) and leave it when done or cancelled. A newcomer's prompt is read in chunks
 so the streams already decoding stall for at most one chunk. Prompt prefixes are reused from the
-slot's own cells, a session's saved cells, or a snapshot of a system prompt (kept in RAM and on
-disk, so it survives restarts).
+slot's own cells, another slot's cells (copied), a session's saved cells, or a snapshot of a
+system prompt (kept in RAM and on disk, so it survives restarts).
 
 Nothing here knows about sockets or MQTT. A Job carries a thread-safe `emit` callback; the
 engine calls it with `token` events and exactly one final `done` or `error` event, unless the
@@ -35,6 +35,9 @@ from edgeagent.decoder import BatchDecoder, Slot, common_prefix
 from edgeagent.protocol import Request
 
 log = logging.getLogger("edgeagent.engine")
+# Copy another slot's cells when they hold at least this many more prompt tokens than the
+# chosen slot has (a copy is about a millisecond; one token's evaluation is several).
+COPY_MIN_TOKENS = 4
 
 Event = dict[str, Any]
 
@@ -702,6 +705,20 @@ class Engine:
                 if item is not None and dec.load(slot, item.tokens, item.state):
                     have, cache = prefix_end, f"prefix-{item.origin}"
                     self.prefixes.hits[item.origin] += 1
+            # Another slot (running or not) may hold a longer start of this prompt, e.g. the
+            # chat template and a common question stem: copying its cells (a memory copy of a
+            # few hundred KB) beats evaluating those tokens again.
+            donor = max(
+                (s for s in dec.slots if s is not slot),
+                key=lambda s: common_prefix(s.cached, tokens),
+                default=None,
+            )
+            if donor is not None:
+                shared = min(common_prefix(donor.cached, tokens), len(tokens) - 1)
+                if shared >= have + COPY_MIN_TOKENS and dec.load(
+                    slot, list(donor.cached), dec.save(donor)
+                ):
+                    have, cache = shared, "copied"
             kept = dec.reuse(slot, tokens)
             if kept == 0:
                 cache = "none"

@@ -272,3 +272,31 @@ def test_one_client_cannot_take_every_slot(daemon_factory: Callable[..., Daemon]
     assert ("g1", "done") in kinds and ("g2", "done") in kinds
     # g2 did not start until g1 had finished, although a third slot was idle.
     assert kinds.index(("g1", "done")) < kinds.index(("g2", "token"))
+
+
+def test_a_prompt_start_held_by_another_slot_is_copied_not_evaluated(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Two questions about the same station note: the second, arriving while the first runs,
+    gets a free slot with nothing in it, and copies the note's cells from the busy slot."""
+    d = daemon_factory(n_ctx=1024, node_id="copy-node", engine_extra="parallel = 4")
+    note = (
+        "Station 7 note: the press runs at 180 bar, the guard must be closed, the two-hand "
+        "control must be used, and the die is changed only with the main switch locked out. "
+    )
+    first, second = note + "What pressure does it run at?", note + "What must be locked out?"
+    with connect(d.socket_path) as a, connect(d.socket_path) as b:
+        b.send(ask("cold", second))
+        cold = final(b.until_final("cold"))
+        a.send(ask("runs", first, max_tokens=48))
+        assert a.read()["event"] == "token"  # `first` holds slot 0 (reused from `cold`)
+        b.send(ask("copy", second))
+        copied = final(b.until_final("copy"))
+        running = final(a.until_final("runs"))
+    assert cold["usage"]["cache"] == "none"
+    assert running["usage"]["cache"] == "slot" and running["timings"]["peak_batch"] == 2
+    usage = copied["usage"]
+    assert usage["cache"] == "copied", usage
+    assert usage["cached_tokens"] >= len(note.split()), usage  # at least the note's words
+    assert usage["evaluated_tokens"] < cold["usage"]["evaluated_tokens"] / 2, (usage, cold)
+    assert copied["text"] == cold["text"]  # copied cells answer as evaluated ones do
