@@ -123,6 +123,8 @@ def _stream_answer(client: Client, req: dict[str, Any], as_json: bool) -> int:
         elif event["event"] == "token":
             sys.stdout.write(event["text"])
             sys.stdout.flush()
+        elif event["event"] == "restart":  # what was printed is void; the answer starts again
+            sys.stdout.write(f"\n[{event.get('reason', 'the answer starts again')}]\n")
         elif event["event"] == "done":
             if not req.get("stream", True):
                 sys.stdout.write(event["text"])

@@ -197,19 +197,27 @@ class CloudWorker:
             return
         log.info("escalation %s from %s: %s", esc_id, esc.get("node_id", "?"),
                  json.dumps(esc.get("reason", {})))  # fmt: skip
+        deliveries: list[tuple[int, int, int]] = []
         try:
-            final = self._complete(esc, reply, correlation)
-        except Exception as exc:  # a reply we cannot read: an error answer, never silence
-            log.exception("escalation %s failed", esc_id)
-            final = self._error(esc_id, f"worker failed: {exc}")
-        self._publish(reply, final, correlation, wait=True)
-        with self._lock:
-            self._answered[esc_id] = final
-            while len(self._answered) > RECENT_ANSWERS:
-                self._answered.popitem(last=False)
-            deliveries = self._running.pop(esc_id, [])
-            again = self._again.pop(esc_id, [])
+            try:
+                final = self._complete(esc, reply, correlation)
+            except Exception as exc:  # a reply we cannot read: an error answer, never silence
+                log.exception("escalation %s failed", esc_id)
+                final = self._error(esc_id, f"worker failed: {exc}")
+            self._publish(reply, final, correlation, wait=True)
+            with self._lock:
+                self._answered[esc_id] = final
+                while len(self._answered) > RECENT_ANSWERS:
+                    self._answered.popitem(last=False)
+        finally:  # whatever happened, this id is no longer running
+            with self._lock:
+                deliveries = self._running.pop(esc_id, [])
+                again = self._again.pop(esc_id, [])
+        answered = {(reply, correlation)}
         for address in dict.fromkeys(again):  # the asker records one answer per id
+            if address in answered:
+                continue
+            answered.add(address)
             log.info("escalation %s was asked again while running; replaying its answer", esc_id)
             self._publish(address[0], final, address[1], wait=True)
         self._ack(deliveries)

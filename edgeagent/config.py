@@ -176,7 +176,7 @@ class EscalationConfig:
     result_ttl_s: float = _f(7 * 86400.0, lo=1.0, hi=365 * 86400.0, doc="answers kept for `result`")
     max_inflight: int = _f(4, lo=1, hi=1000, doc="spooled escalations sent to the cloud at once")
     resend_s: float = _f(
-        120.0, lo=1.0, hi=86400.0, doc="ask again when a sent escalation has no answer after this"
+        300.0, lo=1.0, hi=86400.0, doc="ask again when a sent escalation is silent this long"
     )
 
 

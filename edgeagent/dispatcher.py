@@ -300,7 +300,7 @@ class Dispatcher:
             # The cloud's answer broke off after some of it was streamed: the requester drops
             # those tokens, and the local answer's tokens join up to `done.text` again.
             entry.cloud_streamed = False
-            self._deliver(entry, protocol.reset_event(req.id, "the cloud answer broke off"))
+            self._deliver(entry, protocol.restart_event(req.id, "the cloud answer broke off"))
         priority = sink.priority if req.priority is None else req.priority
         job = Job(req, emit, entry.deadline, client=sink.scope, priority=priority)
         job.want_confidence = want_confidence
@@ -356,7 +356,7 @@ class Dispatcher:
         if stored.state == sp.ANSWERED and stored.answer is not None:
             self._cloud_final(entry, {"event": "done", **stored.answer})  # asked before
             return
-        if esc.up and stored.state == sp.WAITING:
+        if esc.up and stored.state == sp.WAITING and stored.new:
             entry.cloud_started = time.monotonic()
             entry.cloud_timer = self.loop.call_later(
                 self.cfg.escalation.timeout_s, self._cloud_timeout, entry
@@ -365,7 +365,12 @@ class Dispatcher:
             return
         entry.escalation["status"] = "queued"
         esc.watch(stored.id, entry.sink)
-        if offline == "queue":
+        if not stored.new:
+            # Asked before (an MQTT request the broker delivered again after a restart, its
+            # acknowledgement lost with the old process): the answer goes to the reply address
+            # stored with it, as the one `cloud_answer` the requester was promised.
+            self._deliver(entry, self._queued_done(entry))
+        elif offline == "queue":
             self._deliver(entry, self._queued_done(entry))
         else:
             self._ask_local(entry, spooled=True)
@@ -398,7 +403,7 @@ class Dispatcher:
         if entry.finished or entry.job is not None or not entry.cloud_streamed:
             return
         entry.cloud_streamed = False
-        event = protocol.reset_event(entry.request.id, "the cloud restarted its answer")
+        event = protocol.restart_event(entry.request.id, "the cloud restarted its answer")
         self._deliver(entry, event)
 
     def _cloud_token(self, entry: _Inflight, text: str) -> None:

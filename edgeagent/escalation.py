@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -340,7 +341,9 @@ class Escalator:
         if created:
             self.counters["recorded"] += 1
             self.pump()
-        return entry
+        else:
+            self.counters["recorded_before"] += 1
+        return dataclasses.replace(entry, new=created)
 
     def ask(self, entry: Entry, waiter: CloudWaiter) -> None:
         """Send now (the link is up) and stream the answer to `waiter`."""
@@ -436,6 +439,8 @@ class Escalator:
         if not isinstance(esc_id, str):
             esc_id = correlation.decode(errors="replace") if correlation else ""
         kind = event.get("event")
+        if kind in ("start", "token") and esc_id in self._inflight:
+            self._inflight[esc_id] = time.monotonic()  # being answered: not one to ask again
         if kind == "start":
             waiter = self._waiters.get(esc_id)
             if waiter is not None:
@@ -490,8 +495,11 @@ class Escalator:
     async def _maintenance(self) -> None:
         while True:
             await asyncio.sleep(min(MAINTENANCE_INTERVAL_S, self.cfg.escalation.resend_s / 2))
-            await self._maintain()
-            await self._resend_unanswered()
+            try:
+                await self._maintain()
+                await self._resend_unanswered()
+            except Exception:  # an I/O error on the spool: expiry and resends go on next time
+                log.exception("escalation maintenance failed")
             self.pump()
 
     async def _resend_unanswered(self) -> None:
@@ -499,15 +507,19 @@ class Escalator:
 
         The broker acknowledged it, but an answer can still go missing between worker and
         edge (a worker that died after its broker forgot the escalation, an answer published
-        while we were resubscribing). The worker answers a duplicate once, so this is safe.
+        while we were resubscribing). Whatever the worker streams for it (start, tokens)
+        restarts the clock, and the edge records one answer per escalation id, so asking
+        again costs at most a second run in the cloud.
         """
         if not self.link.up:
             return
         stale = time.monotonic() - self.cfg.escalation.resend_s
-        old = [esc_id for esc_id, sent in self._inflight.items() if sent <= stale]
-        for esc_id in old:
+        old = [(esc_id, sent) for esc_id, sent in self._inflight.items() if sent <= stale]
+        for esc_id, sent in old:
             entry = await self._db(self.spool.get, esc_id)
-            if entry is None or entry.state != sp.WAITING or esc_id not in self._inflight:
+            if self._inflight.get(esc_id) != sent or not self.link.up:
+                continue  # answered, re-sent by a reconnect, or the link went down meanwhile
+            if entry is None or entry.state != sp.WAITING:
                 self._inflight.pop(esc_id, None)
                 continue
             self.counters["resent"] += 1

@@ -255,9 +255,9 @@ def token_event(rid: str, text: str) -> dict[str, Any]:
     return {"event": "token", "id": rid, "text": text}
 
 
-def reset_event(rid: str, reason: str) -> dict[str, Any]:
+def restart_event(rid: str, reason: str) -> dict[str, Any]:
     """The tokens streamed so far for `rid` are void; the answer starts again."""
-    return {"event": "reset", "id": rid, "reason": reason}
+    return {"event": "restart", "id": rid, "reason": reason}
 
 
 def error_event(rid: Optional[str], code: str, message: str) -> dict[str, Any]:

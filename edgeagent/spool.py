@@ -56,6 +56,7 @@ class Entry:
     answer: Optional[dict[str, Any]]
     finished: Optional[float]
     delivered: bool
+    new: bool = True  # stored by this request (False: found, stored by an earlier delivery)
 
 
 class EscalationSpool:

@@ -31,7 +31,7 @@ end the load stops, the stack drains, and the run fails (exit 1) when:
 - a malformed request is not refused with `bad_request`;
 - an escalation that was queued, timed out or failed over is not answered by the cloud in
   the end, or one got more than one `cloud_answer`;
-- a streamed answer's tokens since its last `reset` are not its text, unless an MQTT
+- a streamed answer's tokens since its last `restart` are not its text, unless an MQTT
   broker restart during it explains it (a token event delivered twice): those are counted;
 - the daemon leaks over the last two thirds: least-squares growth of RSS of 20 MB or more,
   of open fds by more than 4, of threads by more than 2.
@@ -143,7 +143,7 @@ class Ask:
     undelivered: bool = False  # socket: the connection was already closed when it was sent
     followups: list[str] = field(default_factory=list)  # statuses of cloud_answer events
     tokens: list[str] = field(default_factory=list)
-    resets: int = 0  # `reset` events: the answer started again
+    resets: int = 0  # `restart` events: the answer started again
     first_event: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -189,7 +189,7 @@ class Ledger:
                 ask.followups.append(str(event.get("status")))
             elif kind == "token":
                 ask.tokens.append(str(event.get("text")))
-            elif kind == "reset":  # the answer starts again (docs/protocol.md)
+            elif kind == "restart":  # the answer starts again (docs/protocol.md)
                 ask.tokens.clear()
                 ask.resets += 1
         ask.first_event.set()
@@ -1115,9 +1115,9 @@ class Soak:
         double_followups = [a.rid for a in asks if len(a.followups) > 1]
         if double_followups:
             failures.append(f"more than one cloud_answer for {double_followups[:10]}")
-        # The token pieces of a streamed answer since its last `reset` are exactly done.text
+        # The token pieces of a streamed answer since its last `restart` are exactly done.text
         # (docs/protocol.md): a cloud answer that broke off, or that a restarted worker
-        # streams again, is announced by a reset. One exception is counted here: an MQTT
+        # streams again, is announced by a restart event. One exception is counted here: an MQTT
         # token event delivered twice across a local broker restart (QoS 1 is at least once,
         # and token events carry nothing to tell a repeat).
         mismatched = [a for a in answered if a.finals[0]["event"] == "done" and a.tokens

@@ -268,11 +268,11 @@ def test_cloud_worker_kill_9_mid_answer(
     assert t["lost"] == 0 and t["duplicated"] == 0, t
     w0 = [e for e in events if e.get("id") == "w0"]
     w0_done = next(e for e in w0 if e["event"] == "done")
-    resets = [i for i, e in enumerate(w0) if e["event"] == "reset"]
+    resets = [i for i, e in enumerate(w0) if e["event"] == "restart"]
     since = w0[resets[-1] + 1 :] if resets else w0
     streamed = "".join(e["text"] for e in since if e["event"] == "token")
     # Streamed before the kill, then either streamed again by the restarted worker or
-    # answered locally after a cloud timeout: a reset voids the first part either way.
+    # answered locally after a cloud timeout: a restart event voids the first part either way.
     assert resets and streamed == w0_done["text"], w0
     record(
         "process: cloud worker kill -9 mid-answer",
