@@ -53,6 +53,9 @@ TOPICS = [
     "a chiller alarming on high discharge pressure",
 ]
 QUESTION = "List the likely causes of {} and the first check for each."
+EDGEAGENT = "edgeagent"
+EDGEAGENT_FAST = "edgeagent-fast"  # [engine] batch_invariant = false
+STEP_STREAMS = (1, 2, 4, 8)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Request:
     first: float = 0.0
     end: float = 0.0
     tokens: int = 0
+    evaluated: int = -1  # prompt tokens the server evaluated (edgeagent and llama-server say)
 
     @property
     def ttft_ms(self) -> float:
@@ -123,6 +127,7 @@ def run_socket(path: str) -> Callable[[str, int, Request], None]:
             if event["event"] == "done":
                 r.end = time.perf_counter()
                 r.tokens = event["usage"]["completion_tokens"]
+                r.evaluated = event["usage"]["evaluated_tokens"]
 
     return run
 
@@ -155,6 +160,9 @@ def run_openai(port: int) -> Callable[[str, int, Request], None]:
                 break
             last = data
             chunk = json.loads(data)
+            timings = chunk.get("timings")  # llama-server: prompt tokens it evaluated
+            if isinstance(timings, dict) and "prompt_n" in timings:
+                r.evaluated = int(timings["prompt_n"])
             choices = chunk.get("choices") or [{}]
             if choices[0].get("delta", {}).get("content"):
                 n += 1
@@ -250,6 +258,7 @@ def daemon_config(
     parallel: int,
     system: str = "",
     prefix_dir: str = "",
+    batch_invariant: bool = True,
 ) -> tuple[Path, str]:
     sock = str(workdir / f"{name}.sock")
     cfg = workdir / f"{name}.toml"
@@ -257,6 +266,7 @@ def daemon_config(
     cfg.write_text(
         f'node_id = "bench"\n[model]\npath = "{model_file}"\nn_ctx = {n_ctx}\n{system_line}'
         f"[cpu]\nthreads = {threads}\n[engine]\nparallel = {parallel}\nqueue_size = 64\n"
+        f"batch_invariant = {str(batch_invariant).lower()}\n"
         f'prefix_cache_dir = "{prefix_dir or workdir / "prefix"}"\n'
         f'[socket]\npath = "{sock}"\n[log]\nlevel = "warning"\n'
     )
@@ -310,9 +320,15 @@ def build_llama_server() -> str | None:
 def server(
     kind: str, model_file: Path, workdir: Path, args: argparse.Namespace, llama_server: str | None
 ) -> Iterator[tuple[Callable[[str, int, Request], None], int]]:
-    if kind == "edgeagent":
+    if kind in (EDGEAGENT, EDGEAGENT_FAST):
         cfg, sock = daemon_config(
-            workdir, "conc", model_file, n_ctx=args.n_ctx, threads=args.threads, parallel=args.slots
+            workdir,
+            "conc",
+            model_file,
+            n_ctx=args.n_ctx,
+            threads=args.threads,
+            parallel=args.slots,
+            batch_invariant=kind == EDGEAGENT,
         )
         proc, _ = start_daemon(workdir, cfg, sock)
         run = run_socket(sock)
@@ -376,6 +392,44 @@ def server(
         yield run, proc.pid
     finally:
         stop(proc)
+
+
+# --- what one decode step costs on this box -----------------------------------------------
+
+
+def step_costs(model_file: Path, args: argparse.Namespace, invariant: bool) -> dict[int, float]:
+    """Median ms of one llama_decode that gives n sequences one token each (n outputs).
+
+    Runs in a child process: llama.cpp's batch API through edgeagent.decoder, nothing else on
+    the box busy. This is the ceiling batching works under: n streams can decode at most
+    n * 1000 / ms tokens/s.
+    """
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from edgeagent.decoder import BatchDecoder
+dec = BatchDecoder(Path({str(model_file)!r}), n_ctx={args.n_ctx}, n_slots={max(STEP_STREAMS)},
+                   n_batch=512, n_threads={args.threads}, batch_invariant={invariant})
+prompt = dec.tokenize("List the likely causes of a hydraulic press losing pressure.", special=True)
+for slot in dec.slots:
+    dec.step([(slot, prompt, True)])
+out = {{}}
+for n in {STEP_STREAMS!r}:
+    times = []
+    for _ in range(15):
+        for slot in dec.slots[:n]:
+            dec.truncate(slot, len(prompt))
+        t = time.perf_counter()
+        dec.step([(slot, [prompt[0]], True) for slot in dec.slots[:n]])
+        times.append(time.perf_counter() - t)
+    out[n] = round(1000 * sorted(times)[len(times) // 2], 1)
+print(json.dumps(out))
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    return {int(k): v for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
 
 
 # --- restart with a long system prompt -------------------------------------------------------
@@ -464,9 +518,11 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=8, help="parallel slots on every server")
     ap.add_argument("--n-ctx", type=int, default=1024, help="context per slot")
     ap.add_argument("--clients", default="1,2,4,8")
-    ap.add_argument("--per-client", type=int, default=3, help="requests each client sends")
+    ap.add_argument("--per-client", type=int, default=6, help="requests each client sends")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--servers", default="edgeagent,llama-server,llama_cpp.server")
+    ap.add_argument(
+        "--servers", default=f"{EDGEAGENT},{EDGEAGENT_FAST},llama-server,llama_cpp.server"
+    )
     ap.add_argument("--system-words", type=int, default=700, help="~1,000 tokens")
     ap.add_argument("--n-ctx-system", type=int, default=2048)
     ap.add_argument("--restarts", type=int, default=3)
@@ -481,6 +537,11 @@ def main() -> int:
     if llama_server is None and "llama-server" in kinds:
         kinds.remove("llama-server")
     results: dict[str, list[Phase]] = {}
+    steps = {
+        label: step_costs(model_file, args, invariant)
+        for label, invariant in (("batch-invariant kernels", True), ("fastest kernels", False))
+    }
+    print("decode step (ms) by streams:", steps, flush=True)
     with tempfile.TemporaryDirectory(prefix="edgeagent-bench-") as tmp:
         workdir = Path(tmp)
         for kind in kinds:
@@ -494,11 +555,17 @@ def main() -> int:
                         f"{kind:18} {n} clients: {phase.aggregate_tps():6.1f} tok/s aggregate, "
                         f"{phase.per_client_tps():5.1f} per client, TTFT p50 "
                         f"{phase.ttft(0.5):6.0f} ms p95 {phase.ttft(0.95):6.0f} ms, "
-                        f"RSS {phase.rss_peak / 1e6:.0f} MB",
+                        f"RSS {phase.rss_peak / 1e6:.0f} MB"
+                        + (
+                            f", prompt tokens evaluated per request "
+                            f"{statistics.fmean(r.evaluated for r in phase.requests):.0f}"
+                            if all(r.evaluated >= 0 for r in phase.requests)
+                            else ""
+                        ),
                         flush=True,
                     )
         restart = restart_experiment(model_file, workdir, args)
-    report, checks = render(results, restart, args, llama_server is not None)
+    report, checks = render(results, restart, steps, args, llama_server is not None)
     print(report)
     if args.write:
         write_docs(report, results)
@@ -508,6 +575,7 @@ def main() -> int:
 def render(
     results: dict[str, list[Phase]],
     restart: dict[str, Any],
+    steps: dict[str, dict[int, float]],
     args: argparse.Namespace,
     have_llama_server: bool,
 ) -> tuple[str, list[tuple[str, bool, str]]]:
@@ -530,6 +598,24 @@ def render(
                 f"| {kind} | {p.clients} | {p.aggregate_tps():.1f} | {p.per_client_tps():.1f} | "
                 f"{p.ttft(0.5):.0f} | {p.ttft(0.95):.0f} | {p.rss_peak / 1e6:.0f} |"
             )
+    lines += [
+        "",
+        "What one decode step costs here: one `llama_decode` giving n sequences one token "
+        "each (median of 15, nothing else running); n streams can decode at most "
+        "n x 1000 / ms tokens/s, which caps what any server can gain from batching on this "
+        "box.",
+        "",
+        "| kernels | "
+        + " | ".join(f"{n} stream{'s' if n > 1 else ''} (ms)" for n in STEP_STREAMS)
+        + " | ceiling at 4 vs 1 |",
+        "| --- | " + " | ".join("---:" for _ in STEP_STREAMS) + " | ---: |",
+        *(
+            f"| {label} | "
+            + " | ".join(f"{ms[n]:.1f}" for n in STEP_STREAMS)
+            + f" | {4 * ms[1] / ms[4]:.2f}x |"
+            for label, ms in steps.items()
+        ),
+    ]
     by = {kind: {p.clients: p for p in phases} for kind, phases in results.items()}
     checks: list[tuple[str, bool, str]] = []
     ea = by.get("edgeagent", {})
