@@ -296,11 +296,8 @@ class Dispatcher:
             self.loop.call_soon_threadsafe(self._deliver, entry, event)
 
         req, sink = entry.request, entry.sink
-        if entry.cloud_streamed:
-            # The cloud's answer broke off after some of it was streamed: the requester drops
-            # those tokens, and the local answer's tokens join up to `done.text` again.
-            entry.cloud_streamed = False
-            self._deliver(entry, protocol.restart_event(req.id, "the cloud answer broke off"))
+        # The local answer's tokens must join up to `done.text` on their own.
+        self._void_cloud_tokens(entry, "the cloud answer broke off")
         priority = sink.priority if req.priority is None else req.priority
         job = Job(req, emit, entry.deadline, client=sink.scope, priority=priority)
         job.want_confidence = want_confidence
@@ -400,11 +397,15 @@ class Dispatcher:
 
     def _cloud_restart(self, entry: _Inflight) -> None:
         """The cloud starts (again) on this answer: tokens it streamed before are void."""
-        if entry.finished or entry.job is not None or not entry.cloud_streamed:
+        if entry.finished or entry.job is not None:
             return
-        entry.cloud_streamed = False
-        event = protocol.restart_event(entry.request.id, "the cloud restarted its answer")
-        self._deliver(entry, event)
+        self._void_cloud_tokens(entry, "the cloud restarted its answer")
+
+    def _void_cloud_tokens(self, entry: _Inflight, reason: str) -> None:
+        """Cloud tokens already streamed to the requester are void: tell it with `restart`."""
+        if entry.cloud_streamed:
+            entry.cloud_streamed = False
+            self._deliver(entry, protocol.restart_event(entry.request.id, reason))
 
     def _cloud_token(self, entry: _Inflight, text: str) -> None:
         if entry.finished or entry.job is not None:
