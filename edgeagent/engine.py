@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -32,6 +32,7 @@ from edgeagent import heap, protocol
 from edgeagent.config import Config
 from edgeagent.cpu import Placement, pin_current_thread
 from edgeagent.decoder import BatchDecoder, Slot, common_prefix
+from edgeagent.promptcache import PromptCache
 from edgeagent.protocol import Request
 
 log = logging.getLogger("edgeagent.engine")
@@ -109,6 +110,15 @@ class SessionStore:
     def kv_bytes(self) -> int:
         with self._lock:
             return sum(len(c.kv_state or b"") for c in self._items.values())
+
+    def covers(self, tokens: Sequence[int]) -> bool:
+        """Some conversation's saved cells hold these tokens (or more that start with them)."""
+        n = len(tokens)
+        with self._lock:
+            return any(
+                len(c.kv_tokens) >= n and common_prefix(c.kv_tokens, tokens) == n
+                for c in self._items.values()
+            )
 
     def commit(self, conv: _Conversation, new: list[dict[str, str]]) -> None:
         """Add a finished turn. A conversation reset meanwhile stays forgotten."""
@@ -379,6 +389,7 @@ class Engine:
             model_sha256, cfg.model.n_ctx, cfg.engine.prefix_cache_mb << 20,
             cfg.engine.prefix_cache_files,
         )  # fmt: skip
+        self.prompt_cache = PromptCache(cfg.engine.prompt_cache_mb << 20)
         self._queue: list[Job] = []
         self._cond = threading.Condition()
         self._active: dict[int, _Active] = {}  # by slot sequence id
@@ -473,6 +484,7 @@ class Engine:
             "prefix_snapshots": len(self.prefixes),
             "prefix_mb": round(self.prefixes.bytes() / 1e6, 1),
             "prefix_hits": dict(self.prefixes.hits),
+            "prompt_cache": self.prompt_cache.stats(),
             **({"system_prefix": self.system_prefix} if self.system_prefix else {}),
         }
 
@@ -690,35 +702,7 @@ class Engine:
             if prefix_end < PrefixStore.MIN_TOKENS:
                 prefix_end = 0
 
-            free = [s for s in dec.slots if s.seq not in self._active]
-            slot = max(
-                free,
-                key=lambda s: (common_prefix(s.cached, tokens), -self._slot_used.get(s.seq, 0)),
-            )
-            have, cache = common_prefix(slot.cached, tokens), "slot"
-            if conv is not None and conv.kv_state is not None:
-                saved = common_prefix(conv.kv_tokens, tokens)
-                if saved > have and dec.load(slot, conv.kv_tokens, conv.kv_state):
-                    have, cache = saved, "session"
-            if prefix_end and have < prefix_end:
-                item = self.prefixes.get(tokens[:prefix_end])
-                if item is not None and dec.load(slot, item.tokens, item.state):
-                    have, cache = prefix_end, f"prefix-{item.origin}"
-                    self.prefixes.hits[item.origin] += 1
-            # Another slot (running or not) may hold a longer start of this prompt, e.g. the
-            # chat template and a common question stem: copying its cells (a memory copy of a
-            # few hundred KB) beats evaluating those tokens again.
-            donor = max(
-                (s for s in dec.slots if s is not slot),
-                key=lambda s: common_prefix(s.cached, tokens),
-                default=None,
-            )
-            if donor is not None:
-                shared = min(common_prefix(donor.cached, tokens), len(tokens) - 1)
-                if shared >= have + COPY_MIN_TOKENS and dec.load(
-                    slot, list(donor.cached), dec.save(donor)
-                ):
-                    have, cache = shared, "copied"
+            slot, cache = self._fill_slot(tokens, conv, prefix_end)
             kept = dec.reuse(slot, tokens)
             if kept == 0:
                 cache = "none"
@@ -741,6 +725,86 @@ class Engine:
         )  # fmt: skip
         with self._cond:
             self._per_client[job.client] += 1
+
+    def _fill_slot(
+        self, tokens: list[int], conv: Optional[_Conversation], prefix_end: int
+    ) -> tuple[Slot, str]:
+        """Pick a free slot for `tokens` and load the longest start of them that any cache
+        holds; return the slot and where its cells came from.
+
+        A slot whose cells this prompt continues (or repeats) is used as it is. Otherwise the
+        prompt takes an empty slot, else the least recently used one, so that what the other
+        slots hold stays for the prompts that need it; the cells it replaces go to the prompt
+        cache. The start of the prompt then comes from whichever holds the most of it: the
+        slot itself, the session's saved cells, another slot (copied), the prompt cache, or
+        the system prompt's snapshot.
+        """
+        dec = self._dec
+        assert dec is not None
+        last = len(tokens) - 1  # one prompt token is always evaluated, for its logits
+        used = self._slot_used
+
+        def reach(held: Sequence[int]) -> int:
+            return min(common_prefix(held, tokens), last)
+
+        free = [s for s in dec.slots if s.seq not in self._active]
+        best = max(free, key=lambda s: (reach(s.cached), -used.get(s.seq, 0.0)))
+        lost = len(best.cached) - reach(best.cached)  # cells a new prompt would drop
+        if reach(best.cached) == last or lost < COPY_MIN_TOKENS:
+            slot = best
+        else:
+            slot = min(free, key=lambda s: (bool(s.cached), used.get(s.seq, 0.0)))
+        have = reach(slot.cached)
+        # (tokens of the prompt it holds, the margin over `have` it needs, name, its cells)
+        Source = Callable[[], tuple[list[int], bytes]]
+        options: list[tuple[int, int, str, Source]] = []
+        if conv is not None and conv.kv_state is not None:
+            state, held = conv.kv_state, list(conv.kv_tokens)
+            options.append((reach(held), 1, "session", lambda: (held, state)))
+        donor = max((s for s in dec.slots if s is not slot), key=lambda s: reach(s.cached),
+                    default=None)  # fmt: skip
+        if donor is not None:
+            # A running slot's cells too: a memory copy beats evaluating the tokens again.
+            options.append((reach(donor.cached), COPY_MIN_TOKENS, "copied",
+                            lambda: (list(donor.cached), dec.save(donor))))  # fmt: skip
+        shared, key = self.prompt_cache.best(tokens)
+        if key is not None:
+            options.append((min(shared, last), COPY_MIN_TOKENS, "ram",
+                            lambda: (list(key), self.prompt_cache.take(key))))  # fmt: skip
+        top = max((o[0] for o in options), default=0)
+        if prefix_end and max(top, have) < prefix_end:
+            item = self.prefixes.get(tokens[:prefix_end])
+            if item is not None:
+                found = item
+
+                def prefix() -> tuple[list[int], bytes]:
+                    self.prefixes.hits[found.origin] += 1
+                    return found.tokens, found.state
+
+                options.append((prefix_end, 1, f"prefix-{item.origin}", prefix))
+        choice = max((o for o in options if o[0] >= have + o[1]), key=lambda o: o[0], default=None)
+        if choice is None:
+            if len(slot.cached) - have >= COPY_MIN_TOKENS and have < last:
+                self._stash(slot)
+            return slot, "slot"
+        _n, _margin, name, source = choice
+        held, state = source()  # before the stash: it may drop the entry being loaded
+        if len(slot.cached) >= COPY_MIN_TOKENS:
+            self._stash(slot)
+        return slot, name if dec.load(slot, held, state) else "none"
+
+    def _stash(self, slot: Slot) -> None:
+        """Keep a free slot's cells in the prompt cache before they are replaced, unless
+        another slot, a session or the cache already holds them."""
+        dec, held = self._dec, slot.cached
+        assert dec is not None
+        if not self.prompt_cache.wants(held):
+            return
+        if any(o is not slot and common_prefix(o.cached, held) == len(held) for o in dec.slots):
+            return
+        if self.sessions.covers(held):
+            return
+        self.prompt_cache.put(list(held), dec.save(slot))
 
     def _compact(self) -> None:
         """Move running jobs to the lowest slots: llama.cpp evaluates the running streams in

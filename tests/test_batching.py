@@ -285,18 +285,44 @@ def test_a_prompt_start_held_by_another_slot_is_copied_not_evaluated(
         "control must be used, and the die is changed only with the main switch locked out. "
     )
     first, second = note + "What pressure does it run at?", note + "What must be locked out?"
-    with connect(d.socket_path) as a, connect(d.socket_path) as b:
+    with connect(d.socket_path) as b:
         b.send(ask("cold", second))
         cold = final(b.until_final("cold"))
+    d.stop()  # forget every cell (only the chat template's snapshot stays, on disk)
+    d.start()
+    with connect(d.socket_path) as a, connect(d.socket_path) as b:
         a.send(ask("runs", first, max_tokens=48))
-        assert a.read()["event"] == "token"  # `first` holds slot 0 (reused from `cold`)
+        assert a.read()["event"] == "token"  # `first` holds a slot
         b.send(ask("copy", second))
         copied = final(b.until_final("copy"))
         running = final(a.until_final("runs"))
     assert cold["usage"]["cache"] == "none"
-    assert running["usage"]["cache"] == "slot" and running["timings"]["peak_batch"] == 2
+    assert running["usage"]["cache"] == "prefix-disk" and running["timings"]["peak_batch"] == 2
     usage = copied["usage"]
     assert usage["cache"] == "copied", usage
     assert usage["cached_tokens"] >= len(note.split()), usage  # at least the note's words
     assert usage["evaluated_tokens"] < cold["usage"]["evaluated_tokens"] / 2, (usage, cold)
     assert copied["text"] == cold["text"]  # copied cells answer as evaluated ones do
+
+
+def test_a_prompt_pushed_out_of_its_slot_comes_back_from_the_prompt_cache(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Two slots, three questions: the third takes the slot of the first, whose cells go to
+    the prompt cache; the first question asked again loads them instead of evaluating."""
+    d = daemon_factory(n_ctx=1024, engine_extra="parallel = 2")
+    with connect(d.socket_path) as c:
+        answers = []
+        for i, question in enumerate([*QUESTIONS[:3], QUESTIONS[0]]):
+            c.send(ask(f"q{i}", question, 16))
+            answers.append(final(c.until_final(f"q{i}")))
+        cache = c.op("status")["slots"]["prompt_cache"]
+    assert all(a["event"] == "done" for a in answers), answers
+    first, again = answers[0], answers[3]
+    assert first["usage"]["cached_tokens"] < first["usage"]["prompt_tokens"] - 1
+    usage = again["usage"]
+    assert usage["cache"] == "ram", usage
+    assert usage["evaluated_tokens"] == 1, usage  # all but the last token came from RAM
+    assert again["text"] == first["text"]  # loaded cells answer as evaluated ones do
+    assert cache["stored"] >= 2 and cache["hits"] == 1 and cache["entries"] >= 1, cache
+    assert cache["mb"] > 0, cache

@@ -1,0 +1,80 @@
+"""KV cells of earlier prompts that no slot holds any more, kept in RAM under a byte budget.
+
+When the engine gives a slot to a new prompt, the cells the slot held (an earlier prompt and
+its answer) would be lost; they are stored here first, and a later prompt that starts the same
+way (the same question again, a question about the same note) loads them instead of
+evaluating those tokens again. Least recently used entries go first when the budget is full.
+Only the inference thread uses it; `stats` may be read from anywhere.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Optional
+
+from edgeagent.decoder import common_prefix
+
+Key = tuple[int, ...]
+
+
+class PromptCache:
+    MIN_TOKENS = 16  # shorter runs of cells are cheaper to evaluate than to keep
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._items: collections.OrderedDict[Key, bytes] = collections.OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.stored = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "entries": len(self._items),
+            "mb": round(self._bytes / 1e6, 1),
+            "hits": self.hits,
+            "stored": self.stored,
+            "evicted": self.evicted,
+        }
+
+    def best(self, tokens: list[int]) -> tuple[int, Optional[Key]]:
+        """The entry sharing the longest start with `tokens`, and how many tokens it shares."""
+        found, key = 0, None
+        for item in self._items:
+            n = common_prefix(item, tokens)
+            if n > found:
+                found, key = n, item
+        return found, key
+
+    def take(self, key: Key) -> bytes:
+        """The entry's state, counted as a hit (and now the most recently used)."""
+        self._items.move_to_end(key)
+        self.hits += 1
+        return self._items[key]
+
+    def covers(self, tokens: list[int]) -> bool:
+        """Some entry holds these tokens' cells (or more that start with them)."""
+        n = len(tokens)
+        want = tuple(tokens)
+        return any(len(item) >= n and item[:n] == want for item in self._items)
+
+    def wants(self, tokens: list[int]) -> bool:
+        return bool(self.budget) and len(tokens) >= self.MIN_TOKENS and not self.covers(tokens)
+
+    def put(self, tokens: list[int], state: bytes) -> None:
+        """Keep these cells; entries they extend are dropped, the oldest go over budget."""
+        if not self.budget or len(state) > self.budget:
+            return
+        key = tuple(tokens)
+        for item in [k for k in self._items if len(k) <= len(key) and key[: len(k)] == k]:
+            self._bytes -= len(self._items.pop(item))
+        self._items[key] = state
+        self._bytes += len(state)
+        self.stored += 1
+        while self._bytes > self.budget:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= len(old)
+            self.evicted += 1
