@@ -80,6 +80,7 @@ class Request:
 @dataclass
 class Phase:
     clients: int
+    fresh: bool = False  # every question new (no server can reuse more than the template)
     requests: list[Request] = field(default_factory=list)
     wall_s: float = 0.0
     rss_peak: int = 0
@@ -93,6 +94,16 @@ class Phase:
     def ttft(self, q: float) -> float:
         values = sorted(r.ttft_ms for r in self.requests)
         return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+    def evaluated(self) -> str:
+        """Prompt tokens the server evaluated per request (where it says)."""
+        if not all(r.evaluated >= 0 for r in self.requests):
+            return "-"
+        return f"{statistics.fmean(r.evaluated for r in self.requests):.0f}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.clients}, all new" if self.fresh else str(self.clients)
 
 
 # --- clients ------------------------------------------------------------------------------
@@ -183,9 +194,11 @@ def drive(
     per_client: int,
     max_tokens: int,
     pid: int,
+    fresh: bool = False,
 ) -> Phase:
-    """`clients` threads, each sending `per_client` requests back to back."""
-    phase = Phase(clients)
+    """`clients` threads, each sending `per_client` requests back to back: the 8 questions in
+    turn (as terminals on a line ask the same things again), or with `fresh` each one new."""
+    phase = Phase(clients, fresh)
     lock = threading.Lock()
     errors: list[BaseException] = []
     proc = psutil.Process(pid)
@@ -202,8 +215,11 @@ def drive(
         try:
             for k in range(per_client):
                 topic = TOPICS[(c * per_client + k) % len(TOPICS)]
+                question = QUESTION.format(topic)
+                if fresh:
+                    question = f"Ticket {1000 + c * per_client + k}: {question}"
                 r = Request(client=c, sent=time.perf_counter())
-                run(QUESTION.format(topic), max_tokens, r)
+                run(question, max_tokens, r)
                 with lock:
                     phase.requests.append(r)
         except BaseException as exc:
@@ -518,6 +534,9 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=8, help="parallel slots on every server")
     ap.add_argument("--n-ctx", type=int, default=1024, help="context per slot")
     ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument(
+        "--fresh-clients", default="4", help="client counts also run with every question new"
+    )
     ap.add_argument("--per-client", type=int, default=6, help="requests each client sends")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument(
@@ -532,6 +551,7 @@ def main() -> int:
     spec = models.load_manifest().get(models.load_manifest().default)
     model_file = models.fetch(spec)
     counts = [int(c) for c in args.clients.split(",")]
+    fresh_counts = [int(c) for c in args.fresh_clients.split(",") if c]
     kinds = args.servers.split(",")
     llama_server = build_llama_server() if "llama-server" in kinds else None
     if llama_server is None and "llama-server" in kinds:
@@ -548,20 +568,16 @@ def main() -> int:
             with server(kind, model_file, workdir, args, llama_server) as (run, pid):
                 drive(run, 1, 1, 4, pid)  # warm-up
                 results[kind] = []
-                for n in counts:
-                    phase = drive(run, n, args.per_client, args.max_tokens, pid)
+                runs = [(n, False) for n in counts] + [(n, True) for n in fresh_counts]
+                for n, fresh in runs:
+                    phase = drive(run, n, args.per_client, args.max_tokens, pid, fresh)
                     results[kind].append(phase)
                     print(
-                        f"{kind:18} {n} clients: {phase.aggregate_tps():6.1f} tok/s aggregate, "
-                        f"{phase.per_client_tps():5.1f} per client, TTFT p50 "
+                        f"{kind:18} {phase.label} clients: {phase.aggregate_tps():6.1f} tok/s "
+                        f"aggregate, {phase.per_client_tps():5.1f} per client, TTFT p50 "
                         f"{phase.ttft(0.5):6.0f} ms p95 {phase.ttft(0.95):6.0f} ms, "
-                        f"RSS {phase.rss_peak / 1e6:.0f} MB"
-                        + (
-                            f", prompt tokens evaluated per request "
-                            f"{statistics.fmean(r.evaluated for r in phase.requests):.0f}"
-                            if all(r.evaluated >= 0 for r in phase.requests)
-                            else ""
-                        ),
+                        f"RSS {phase.rss_peak / 1e6:.0f} MB, prompt tokens evaluated per "
+                        f"request {phase.evaluated()}",
                         flush=True,
                     )
         restart = restart_experiment(model_file, workdir, args)
@@ -586,17 +602,22 @@ def render(
         f"{psutil.cpu_count()} cores; edgeagent {__version__}, llama-cpp-python "
         f"{llama_cpp.__version__}; {args.threads} threads, {args.slots} slots of n_ctx "
         f"{args.n_ctx} on every server, greedy, max_tokens {args.max_tokens}, each client sends "
-        f"{args.per_client} requests back to back.",
+        f"{args.per_client} requests back to back. The questions are {len(TOPICS)} "
+        f"troubleshooting questions in turn, so servers that keep earlier prompts' cells "
+        f"reuse them; in the rows marked *all new* every question starts differently "
+        f'("Ticket 1003: ..."), so only the chat template can be reused. *Evaluated* is the '
+        f"prompt tokens the server computed per request (llama_cpp.server does not say).",
         "",
         "| server | clients | aggregate tok/s | per-client tok/s | TTFT p50 (ms) | "
-        "TTFT p95 (ms) | peak RSS (MB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "TTFT p95 (ms) | peak RSS (MB) | evaluated |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for kind, phases in results.items():
         for p in phases:
             lines.append(
-                f"| {kind} | {p.clients} | {p.aggregate_tps():.1f} | {p.per_client_tps():.1f} | "
-                f"{p.ttft(0.5):.0f} | {p.ttft(0.95):.0f} | {p.rss_peak / 1e6:.0f} |"
+                f"| {kind} | {p.label} | {p.aggregate_tps():.1f} | {p.per_client_tps():.1f} | "
+                f"{p.ttft(0.5):.0f} | {p.ttft(0.95):.0f} | {p.rss_peak / 1e6:.0f} | "
+                f"{p.evaluated()} |"
             )
     lines += [
         "",
@@ -616,7 +637,8 @@ def render(
             for label, ms in steps.items()
         ),
     ]
-    by = {kind: {p.clients: p for p in phases} for kind, phases in results.items()}
+    by = {kind: {p.clients: p for p in phases if not p.fresh} for kind, phases in results.items()}
+    new = {kind: {p.clients: p for p in phases if p.fresh} for kind, phases in results.items()}
     checks: list[tuple[str, bool, str]] = []
     ea = by.get("edgeagent", {})
     if 1 in ea and 4 in ea:
@@ -629,15 +651,16 @@ def render(
                 f"{four.aggregate_tps():.1f} vs {one.aggregate_tps():.1f} ({ratio:.2f}x)",
             )
         )
-        if have_llama_server and 4 in by.get("llama-server", {}):
-            ls = by["llama-server"][4]
-            checks.append(
-                (
-                    "4 clients: aggregate tok/s at least llama-server's",
-                    four.aggregate_tps() >= ls.aggregate_tps(),
-                    f"{four.aggregate_tps():.1f} vs {ls.aggregate_tps():.1f}",
+        for table, what in ((by, ""), (new, ", every question new")):
+            mine, theirs = table["edgeagent"].get(4), table.get("llama-server", {}).get(4)
+            if have_llama_server and mine is not None and theirs is not None:
+                checks.append(
+                    (
+                        f"4 clients{what}: aggregate tok/s at least llama-server's",
+                        mine.aggregate_tps() >= theirs.aggregate_tps(),
+                        f"{mine.aggregate_tps():.1f} vs {theirs.aggregate_tps():.1f}",
+                    )
                 )
-            )
         t_ratio = four.ttft(0.95) / one.ttft(0.95)
         checks.append(
             (
@@ -699,7 +722,8 @@ def write_docs(report: str, results: dict[str, list[Phase]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for kind, phases in results.items():
+    for kind, every in results.items():
+        phases = [p for p in every if not p.fresh]
         xs = [p.clients for p in phases]
         axes[0].plot(xs, [p.aggregate_tps() for p in phases], marker="o", label=kind)
         axes[1].plot(xs, [p.per_client_tps() for p in phases], marker="o", label=kind)
