@@ -65,7 +65,8 @@ class EngineConfig:
         doc="prompt tokens read per step while others stream (their longest stall)",
     )  # fmt: skip
     batch_invariant: bool = _f(
-        True, doc="same greedy output alone or batched (off: repacked kernels, a little faster)"
+        True,
+        doc="same greedy output alone or batched (off: repacked kernels and flash attention)",
     )
     prefix_cache_dir: str = _f(
         "", doc='system-prompt snapshots; "" = $CACHE_DIRECTORY/prefix or ~/.cache, "off" = none'

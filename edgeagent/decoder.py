@@ -88,7 +88,13 @@ class BatchDecoder:
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         cparams.no_perf = True
-        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # Flash attention reads prompts about 15% faster here, but its sums over a long
+        # context round differently with the number of tokens in the step.
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            if batch_invariant
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        )
         ctx = llama_cpp.llama_init_from_model(self.model.model, cparams)
         if ctx is None:
             raise RuntimeError(f"llama.cpp could not create a context for {n_slots} x {n_ctx}")

@@ -835,7 +835,8 @@ class Engine:
 
     def _step(self) -> None:
         """One llama_decode for every active slot: a token for each stream that is decoding,
-        and at most one prompt chunk (a whole batch when nothing is decoding)."""
+        and one prompt chunk (a whole batch when nothing is decoding), plus the last few
+        tokens of other prompts."""
         assert self._dec is not None
         for active in list(self._active.values()):
             if active.job.should_stop():
@@ -857,6 +858,11 @@ class Engine:
             if a.next_token is not None or budget <= 0:
                 continue
             pending = a.slot.pending
+            if prefilling and len(pending) > COPY_MIN_TOKENS:
+                # One prompt per step, oldest first: newcomers that arrive together get their
+                # first tokens one after another instead of all at the end of one long step.
+                # Prompts served almost whole from a cache ride along.
+                continue
             take = min(len(pending), budget)
             done_len = len(a.slot.cached)
             if a.prefix_end and done_len < a.prefix_end < done_len + take:
