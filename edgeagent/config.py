@@ -74,7 +74,7 @@ class EngineConfig:
     prefix_cache_mb: int = _f(64, lo=0, hi=65536, doc="RAM for system-prompt snapshots")
     prefix_cache_files: int = _f(16, lo=1, hi=10000, doc="snapshots kept on disk (newest)")
     prompt_cache_mb: int = _f(
-        64, lo=0, hi=65536, doc="RAM for earlier prompts' cells no slot holds any more; 0: off"
+        32, lo=0, hi=65536, doc="RAM for earlier prompts' cells no slot holds any more; 0: off"
     )
 
 

@@ -202,10 +202,11 @@ class _StopMatcher:
 
 
 def auto_parallel(threads: int, n_ctx: int) -> int:
-    """Slots when the config says 0: two per inference thread, at most 8, and at most 16k
-    KV cells in all (about 200 MB for a 0.5B model), at least one."""
+    """Slots when the config says 0: two per inference thread, at most 8, and at most 8,192
+    KV cells in all (about 100 MB for the default model; with n_ctx 4096 that is 2 slots and
+    keeps the daemon under 750 MB resident), at least one."""
     slots = min(8, max(2, 2 * threads))
-    while slots > 1 and slots * n_ctx > 16384:
+    while slots > 1 and slots * n_ctx > 8192:
         slots -= 1
     return slots
 

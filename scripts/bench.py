@@ -266,19 +266,22 @@ def main() -> int:
                     for side in sides[shift:] + sides[:shift]:
                         n += 1
                         # Same KV-cache state on every side: the previous request each side saw
-                        # is this short one, so only the chat template's preamble is reused.
+                        # is this short one, and the ticket number makes every question new, so
+                        # only the chat template's preamble is reused (the daemon's slots and
+                        # prompt cache would otherwise hold the earlier rounds' questions).
+                        asked = f"Ticket {1000 + n}: {prompt}"
                         if side == "raw":
                             raw_run(llm, "Hello", 1)
                         else:
                             list(client.request({"id": f"c{n}", "prompt": "Hello",
                                                  "max_tokens": 1}))  # fmt: skip
                         if side == "raw":
-                            ttft, tps, _ = raw_run(llm, prompt, args.max_tokens)
+                            ttft, tps, _ = raw_run(llm, asked, args.max_tokens)
                         elif side == "socket":
-                            ttft, tps, _ = daemon_run(client, f"b{n}", prompt, args.max_tokens)
+                            ttft, tps, _ = daemon_run(client, f"b{n}", asked, args.max_tokens)
                         else:
                             assert mq is not None
-                            ttft, tps, _ = mq.run(f"m{n}", prompt, args.max_tokens)
+                            ttft, tps, _ = mq.run(f"m{n}", asked, args.max_tokens)
                         results[side]["ttft"].append(ttft * 1000)
                         results[side]["tps"].append(tps)
             daemon_rss = psutil.Process(proc.pid).memory_info().rss
