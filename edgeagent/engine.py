@@ -115,6 +115,7 @@ class SessionStore:
         """Some conversation's saved cells hold these tokens (or more that start with them)."""
         n = len(tokens)
         with self._lock:
+            self._expire()
             return any(
                 len(c.kv_tokens) >= n and common_prefix(c.kv_tokens, tokens) == n
                 for c in self._items.values()
@@ -238,15 +239,19 @@ class PrefixStore:
     MIN_TOKENS = 16
 
     def __init__(self, directory: Optional[Path], model_sha256: str, n_ctx: int,
-                 budget: int, max_files: int) -> None:  # fmt: skip
+                 budget: int, max_files: int, flash_attn: bool = False) -> None:  # fmt: skip
         self.dir, self.model_sha256, self.n_ctx = directory, model_sha256, n_ctx
+        # Flash attention lays the V cells out differently: such a state does not load into a
+        # context without it, so it is part of the key (absent when off: older files stay valid).
+        self.flash_attn = flash_attn
         self.budget, self.max_files = budget, max_files
         self._items: dict[tuple[int, ...], _Prefix] = {}
         self._writers: list[threading.Thread] = []
         self.hits = collections.Counter[str]()
 
     def key(self, tokens: list[int]) -> str:
-        h = hashlib.sha256(f"{self.model_sha256}:{self.n_ctx}:".encode())
+        layout = "fa:" if self.flash_attn else ""
+        h = hashlib.sha256(f"{self.model_sha256}:{self.n_ctx}:{layout}".encode())
         h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
         return h.hexdigest()[:32]
 
@@ -307,6 +312,7 @@ class PrefixStore:
         if (
             header.get("model_sha256") != self.model_sha256
             or header.get("n_ctx") != self.n_ctx
+            or header.get("flash_attn", False) != self.flash_attn
             or header.get("tokens") != tokens
             or header.get("bytes") != len(state)
         ):
@@ -321,6 +327,7 @@ class PrefixStore:
         header = {
             "model_sha256": self.model_sha256,
             "n_ctx": self.n_ctx,
+            **({"flash_attn": True} if self.flash_attn else {}),
             "tokens": item.tokens,
             "bytes": len(item.state),
         }
@@ -388,7 +395,7 @@ class Engine:
         self.prefixes = PrefixStore(
             prefix_dir,
             model_sha256, cfg.model.n_ctx, cfg.engine.prefix_cache_mb << 20,
-            cfg.engine.prefix_cache_files,
+            cfg.engine.prefix_cache_files, flash_attn=not cfg.engine.batch_invariant,
         )  # fmt: skip
         self.prompt_cache = PromptCache(cfg.engine.prompt_cache_mb << 20)
         self._queue: list[Job] = []
@@ -756,43 +763,52 @@ class Engine:
         else:
             slot = min(free, key=lambda s: (bool(s.cached), used.get(s.seq, 0.0)))
         have = reach(slot.cached)
-        # (tokens of the prompt it holds, the margin over `have` it needs, name, its cells)
+        # (prompt tokens it holds, the margin over `have` it needs, name, its size in tokens,
+        # its tokens and cells)
         Source = Callable[[], tuple[list[int], bytes]]
-        options: list[tuple[int, int, str, Source]] = []
+        options: list[tuple[int, int, str, int, Source]] = []
         if conv is not None and conv.kv_state is not None:
             state, held = conv.kv_state, list(conv.kv_tokens)
-            options.append((reach(held), 1, "session", lambda: (held, state)))
+            options.append((reach(held), 1, "session", len(held), lambda: (held, state)))
         donor = max((s for s in dec.slots if s is not slot), key=lambda s: reach(s.cached),
                     default=None)  # fmt: skip
         if donor is not None:
             # A running slot's cells too: a memory copy beats evaluating the tokens again.
-            options.append((reach(donor.cached), COPY_MIN_TOKENS, "copied",
+            options.append((reach(donor.cached), COPY_MIN_TOKENS, "copied", len(donor.cached),
                             lambda: (list(donor.cached), dec.save(donor))))  # fmt: skip
         shared, key = self.prompt_cache.best(tokens)
         if key is not None:
-            options.append((min(shared, last), COPY_MIN_TOKENS, "ram",
-                            lambda: (list(key), self.prompt_cache.take(key))))  # fmt: skip
-        top = max((o[0] for o in options), default=0)
-        if prefix_end and max(top, have) < prefix_end:
-            item = self.prefixes.get(tokens[:prefix_end])
-            if item is not None:
-                found = item
-
-                def prefix() -> tuple[list[int], bytes]:
-                    self.prefixes.hits[found.origin] += 1
-                    return found.tokens, found.state
-
-                options.append((prefix_end, 1, f"prefix-{item.origin}", prefix))
-        choice = max((o for o in options if o[0] >= have + o[1]), key=lambda o: o[0], default=None)
-        if choice is None:
+            # The bytes are held here: storing the slot's own cells below may evict the entry.
+            saved, cells = list(key), self.prompt_cache.get(key)
+            options.append((min(shared, last), COPY_MIN_TOKENS, "ram", len(key),
+                            lambda: (saved, cells)))  # fmt: skip
+        item = self.prefixes.get(tokens[:prefix_end]) if prefix_end > have else None
+        if item is not None:
+            found = item
+            options.append((prefix_end, 1, f"prefix-{found.origin}", prefix_end,
+                            lambda: (found.tokens, found.state)))  # fmt: skip
+        # Most tokens first; on a tie the smallest state (the system prefix's snapshot rather
+        # than a long conversation copied from another slot). The next one if a load fails.
+        ranked = sorted((o for o in options if o[0] >= have + o[1]), key=lambda o: (-o[0], o[3]))
+        if not ranked:
             if len(slot.cached) - have >= COPY_MIN_TOKENS and have < last:
                 self._stash(slot)
             return slot, "slot"
-        _n, _margin, name, source = choice
-        held, state = source()  # before the stash: it may drop the entry being loaded
         if len(slot.cached) >= COPY_MIN_TOKENS:
             self._stash(slot)
-        return slot, name if dec.load(slot, held, state) else "none"
+        for _n, _margin, name, _size, source in ranked:
+            held, state = source()
+            if dec.load(slot, held, state):
+                if name == "ram" and key is not None:
+                    self.prompt_cache.hit(key)
+                elif name.startswith("prefix-"):
+                    self.prefixes.hits[name.removeprefix("prefix-")] += 1
+                return slot, name
+            log.warning("llama.cpp refused %d cached tokens (%s) for slot %d", len(held), name,
+                        slot.seq)  # fmt: skip
+            if name == "ram" and key is not None:
+                self.prompt_cache.drop(key)
+        return slot, "none"
 
     def _stash(self, slot: Slot) -> None:
         """Keep a free slot's cells in the prompt cache before they are replaced, unless
@@ -855,15 +871,18 @@ class Engine:
             feeds.append((a.slot, [a.next_token], True))
         budget = min(n_batch - len(feeds), self.cfg.engine.prefill_chunk if feeds else n_batch)
         prefilling: list[tuple[_Active, int]] = []
+        reading = False  # this step already reads a prompt with more than a few tokens to go
         for a in sorted(self._active.values(), key=lambda a: a.started):
             if a.next_token is not None or budget <= 0:
                 continue
             pending = a.slot.pending
-            if prefilling and len(pending) > COPY_MIN_TOKENS:
-                # One prompt per step, oldest first: newcomers that arrive together get their
-                # first tokens one after another instead of all at the end of one long step.
-                # Prompts served almost whole from a cache ride along.
-                continue
+            if len(pending) > COPY_MIN_TOKENS:
+                if reading:
+                    # One prompt per step, oldest first: newcomers that arrive together get
+                    # their first tokens one after another instead of all at the end of one
+                    # long step. Prompts served almost whole from a cache ride along.
+                    continue
+                reading = True
             take = min(len(pending), budget)
             done_len = len(a.slot.cached)
             if a.prefix_end and done_len < a.prefix_end < done_len + take:

@@ -49,11 +49,19 @@ class PromptCache:
                 found, key = n, item
         return found, key
 
-    def take(self, key: Key) -> bytes:
-        """The entry's state, counted as a hit (and now the most recently used)."""
-        self._items.move_to_end(key)
-        self.hits += 1
+    def get(self, key: Key) -> bytes:
         return self._items[key]
+
+    def hit(self, key: Key) -> None:
+        """The entry was used: count it and keep it longest (if it is still here)."""
+        if key in self._items:
+            self._items.move_to_end(key)
+        self.hits += 1
+
+    def drop(self, key: Key) -> None:
+        state = self._items.pop(key, None)
+        if state is not None:
+            self._bytes -= len(state)
 
     def covers(self, tokens: list[int]) -> bool:
         """Some entry holds these tokens' cells (or more that start with them)."""

@@ -1,11 +1,21 @@
-"""Pure helpers of the engine: stop-string matching and session history trimming."""
+"""Pure helpers of the engine: stop-string matching, session history trimming, the prompt
+cache and the system-prompt snapshots' keys."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgeagent.engine import SessionStore, _StopMatcher, common_prefix, drop_oldest_turn
+from edgeagent.engine import (
+    PrefixStore,
+    SessionStore,
+    _StopMatcher,
+    common_prefix,
+    drop_oldest_turn,
+)
+from edgeagent.promptcache import PromptCache
 
 
 def feed_all(stops: tuple[str, ...], pieces: list[str]) -> tuple[str, str, bool]:
@@ -79,3 +89,46 @@ def test_session_store_bounds_turns_sessions_and_kv_bytes() -> None:
 def test_common_prefix() -> None:
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([], [1]) == 0
+
+
+def test_prompt_cache_keeps_the_longest_runs_under_its_budget() -> None:
+    cache = PromptCache(budget=3000)
+    stem = list(range(20))
+    cache.put(stem, b"a" * 1000)
+    cache.put([*stem, 100, 101], b"b" * 1000)  # extends the first: it replaces it
+    assert len(cache) == 1 and cache.stats()["stored"] == 2
+    assert cache.covers(stem) and not cache.wants(stem)  # already held, not stored again
+    cache.put([*range(50, 70)], b"c" * 1000)
+    cache.put([*range(80, 100)], b"d" * 1000)
+    shared, key = cache.best([*stem, 100, 7])
+    assert shared == 21 and key is not None
+    cache.hit(key)  # now the most recently used: the next insert evicts another entry
+    cache.put([*range(200, 220)], b"e" * 1000)
+    assert cache.stats()["evicted"] == 1 and cache.stats()["hits"] == 1
+    assert cache.best([*stem, 100])[0] == 21
+    assert cache.best([*range(50, 70)])[0] == 0  # the least recently used one went
+    assert len(cache) == 3
+    cache.drop(key)
+    assert cache.best([*stem, 100])[0] == 0
+    assert not PromptCache(budget=0).wants(stem)
+    assert not cache.wants(list(range(5)))  # too short to be worth keeping
+
+
+def test_prefix_snapshots_made_with_flash_attention_are_kept_apart(tmp_path: Path) -> None:
+    """Flash attention lays the V cells out differently; llama.cpp refuses such a state in a
+    context without it, so a snapshot is only read back by a daemon with the same setting."""
+    tokens = list(range(40))
+    plain = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4)
+    plain.add(tokens, b"state")
+    plain.flush()
+    fa = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4, flash_attn=True)
+    assert fa.key(tokens) != plain.key(tokens)
+    assert fa.get(tokens) is None
+    # Even under the other's file name, the header tells them apart.
+    (tmp_path / f"{plain.key(tokens)}.kv").rename(tmp_path / f"{fa.key(tokens)}.kv")
+    assert fa.get(tokens) is None
+    again = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4)
+    again.add(tokens, b"state")
+    again.flush()
+    found = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4).get(tokens)
+    assert found is not None and found.origin == "disk" and found.state == b"state"
