@@ -51,6 +51,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def starts_with(held: Sequence[int], tokens: Sequence[int]) -> bool:
+    """`held` begins with all of `tokens` (cells for `held` hold those for `tokens`)."""
+    return len(held) >= len(tokens) and common_prefix(held, tokens) == len(tokens)
+
+
 class BatchDecoder:
     """Owns the model and a context with `n_slots` sequences of `n_ctx` cells each."""
 

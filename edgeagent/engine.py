@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 from edgeagent import heap, protocol
 from edgeagent.config import Config
 from edgeagent.cpu import Placement, pin_current_thread
-from edgeagent.decoder import BatchDecoder, Slot, common_prefix
+from edgeagent.decoder import BatchDecoder, Slot, common_prefix, starts_with
 from edgeagent.promptcache import PromptCache
 from edgeagent.protocol import Request
 
@@ -113,13 +113,9 @@ class SessionStore:
 
     def covers(self, tokens: Sequence[int]) -> bool:
         """Some conversation's saved cells hold these tokens (or more that start with them)."""
-        n = len(tokens)
         with self._lock:
             self._expire()
-            return any(
-                len(c.kv_tokens) >= n and common_prefix(c.kv_tokens, tokens) == n
-                for c in self._items.values()
-            )
+            return any(starts_with(c.kv_tokens, tokens) for c in self._items.values())
 
     def commit(self, conv: _Conversation, new: list[dict[str, str]]) -> None:
         """Add a finished turn. A conversation reset meanwhile stays forgotten."""
@@ -794,8 +790,7 @@ class Engine:
             if len(slot.cached) - have >= COPY_MIN_TOKENS and have < last:
                 self._stash(slot)
             return slot, "slot"
-        if len(slot.cached) >= COPY_MIN_TOKENS:
-            self._stash(slot)
+        self._stash(slot)  # all of its cells are replaced
         for _n, _margin, name, _size, source in ranked:
             held, state = source()
             if dec.load(slot, held, state):
@@ -817,7 +812,7 @@ class Engine:
         assert dec is not None
         if not self.prompt_cache.wants(held):
             return
-        if any(o is not slot and common_prefix(o.cached, held) == len(held) for o in dec.slots):
+        if any(o is not slot and starts_with(o.cached, held) for o in dec.slots):
             return
         if self.sessions.covers(held):
             return

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Optional
 
-from edgeagent.decoder import common_prefix
+from edgeagent.decoder import common_prefix, starts_with
 
 Key = tuple[int, ...]
 
@@ -65,9 +65,7 @@ class PromptCache:
 
     def covers(self, tokens: list[int]) -> bool:
         """Some entry holds these tokens' cells (or more that start with them)."""
-        n = len(tokens)
-        want = tuple(tokens)
-        return any(len(item) >= n and item[:n] == want for item in self._items)
+        return any(starts_with(item, tokens) for item in self._items)
 
     def wants(self, tokens: list[int]) -> bool:
         return bool(self.budget) and len(tokens) >= self.MIN_TOKENS and not self.covers(tokens)
@@ -77,7 +75,7 @@ class PromptCache:
         if not self.budget or len(state) > self.budget:
             return
         key = tuple(tokens)
-        for item in [k for k in self._items if len(k) <= len(key) and key[: len(k)] == k]:
+        for item in [k for k in self._items if starts_with(key, k)]:
             self._bytes -= len(self._items.pop(item))
         self._items[key] = state
         self._bytes += len(state)

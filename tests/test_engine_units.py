@@ -8,6 +8,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgeagent.decoder import starts_with
 from edgeagent.engine import (
     PrefixStore,
     SessionStore,
@@ -89,6 +90,11 @@ def test_session_store_bounds_turns_sessions_and_kv_bytes() -> None:
 def test_common_prefix() -> None:
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([], [1]) == 0
+
+
+def test_starts_with() -> None:
+    assert starts_with((1, 2, 3), [1, 2]) and starts_with([1, 2], [1, 2])
+    assert not starts_with([1, 2], [1, 2, 3]) and not starts_with([1, 3, 3], [1, 2])
 
 
 def test_prompt_cache_keeps_the_longest_runs_under_its_budget() -> None:
