@@ -36,6 +36,7 @@ class Slot:
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     sampler: Any = None
     logits_at: int = -1  # index in the last batch of this slot's output row, -1: none
+    owner: str = ""  # the client whose prompt the cells hold (see Engine._fill_slot)
 
     @property
     def ready_to_sample(self) -> bool:
@@ -180,12 +181,15 @@ class BatchDecoder:
 
     # --- KV cache -------------------------------------------------------------------------
 
-    def reuse(self, slot: Slot, prompt: list[int]) -> int:
-        """Keep the slot's cells that match the prompt's start, queue the rest; return kept.
+    def reuse(self, slot: Slot, prompt: list[int], limit: Optional[int] = None) -> int:
+        """Keep the slot's cells that match the prompt's start (at most `limit`), queue the
+        rest; return how many were kept.
 
         At least one prompt token is always evaluated, so that the step leaves logits.
         """
         keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
+        if limit is not None:
+            keep = min(keep, limit)
         self.truncate(slot, keep)
         slot.pending = list(prompt[keep:])
         return keep
@@ -224,20 +228,20 @@ class BatchDecoder:
         return True
 
     def swap(self, a: Slot, b: Slot) -> None:
-        """Exchange two slots' cells, tokens, pending prompt and sampler."""
+        """Exchange two slots' cells, tokens, pending prompt, sampler and owner."""
         state_a = self.save(a) if a.cached else b""
         state_b = self.save(b) if b.cached else b""
         tokens_a, tokens_b = list(a.cached), list(b.cached)
-        rest_a = (a.pending, a.sampler, a.logits_at)
-        rest_b = (b.pending, b.sampler, b.logits_at)
+        rest_a = (a.pending, a.sampler, a.logits_at, a.owner)
+        rest_b = (b.pending, b.sampler, b.logits_at, b.owner)
         self.truncate(a, 0)
         self.truncate(b, 0)
         if state_b and not self.load(a, tokens_b, state_b):
             raise DecodeError(f"could not move sequence {b.seq} to {a.seq}")
         if state_a and not self.load(b, tokens_a, state_a):
             raise DecodeError(f"could not move sequence {a.seq} to {b.seq}")
-        a.pending, a.sampler, a.logits_at = rest_b
-        b.pending, b.sampler, b.logits_at = rest_a
+        a.pending, a.sampler, a.logits_at, a.owner = rest_b
+        b.pending, b.sampler, b.logits_at, b.owner = rest_a
 
     # --- one step -------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import codecs
 import collections
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -55,11 +56,14 @@ class Job:
     """One request inside the engine. `emit` must be safe to call from any thread."""
 
     def __init__(self, request: Request, emit: Callable[[Event], None], deadline: float,
-                 client: Hashable = None, priority: int = 0) -> None:  # fmt: skip
+                 client: Hashable = None, priority: int = 0, owner: str = "") -> None:  # fmt: skip
         self.request = request
         self.emit = emit
         self.deadline = deadline  # time.monotonic() value
-        self.client = client  # who asked: a socket connection, an MQTT reply topic
+        self.client = client  # where it came from: a socket connection, an MQTT reply topic
+        # Who asked (a socket peer's uid, an MQTT reply topic): sessions and cached cells
+        # belong to it.
+        self.owner = owner
         self.priority = priority  # higher is served first
         self.received = time.monotonic()
         self.stop_reason: Optional[str] = None  # protocol.CANCELLED or protocol.TIMEOUT
@@ -71,6 +75,21 @@ class Job:
         return self.stop_reason
 
 
+# Marks a session message that came from (or answered) a private request: it is part of the
+# conversation on the box and never part of what is sent to the cloud.
+PRIVATE = "private"
+
+
+def plain(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them (role and content only)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def shareable(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages that may leave the box: every one not marked private."""
+    return plain([m for m in messages if PRIVATE not in m])
+
+
 @dataclass
 class _Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
@@ -79,28 +98,44 @@ class _Conversation:
     kv_state: Optional[bytes] = None
 
 
-class SessionStore:
-    """Conversations kept for follow-ups: bounded in count, age, turns and saved-KV bytes."""
+SessionKey = tuple[str, str]  # (owner, session name): one client's names are its own
 
-    def __init__(self, max_sessions: int, max_turns: int, idle_s: float, kv_budget: int) -> None:
+
+class SessionStore:
+    """Conversations kept for follow-ups: bounded in count, age, turns and saved-KV bytes.
+
+    A conversation belongs to the client that started it: another client naming the same
+    session gets a new one of its own, and cannot tell that the name is taken.
+    """
+
+    def __init__(self, max_sessions: int, max_turns: int, idle_s: float, kv_budget: int,
+                 per_client: int = 1 << 30) -> None:  # fmt: skip
         self.max_sessions, self.max_turns, self.idle_s = max_sessions, max_turns, idle_s
-        self.kv_budget = kv_budget
-        self._items: collections.OrderedDict[str, _Conversation] = collections.OrderedDict()
+        self.kv_budget, self.per_client = kv_budget, per_client
+        self._items: collections.OrderedDict[SessionKey, _Conversation] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> _Conversation:
+    def get(self, owner: str, name: str) -> _Conversation:
         with self._lock:
             self._expire()
-            conv = self._items.pop(name, None) or _Conversation()
+            conv = self._items.pop((owner, name), None) or _Conversation()
             conv.last_used = time.monotonic()
-            self._items[name] = conv
+            self._items[owner, name] = conv
+            mine = [key for key in self._items if key[0] == owner]
+            for key in mine[: max(0, len(mine) - self.per_client)]:  # its own oldest first
+                del self._items[key]
             while len(self._items) > self.max_sessions:
                 self._items.popitem(last=False)
             return conv
 
-    def drop(self, name: str) -> bool:
+    def messages(self, conv: _Conversation) -> list[dict[str, str]]:
+        """A copy of a conversation's messages (the other thread may be adding a turn)."""
         with self._lock:
-            return self._items.pop(name, None) is not None
+            return list(conv.messages)
+
+    def drop(self, owner: str, name: str) -> bool:
+        with self._lock:
+            return self._items.pop((owner, name), None) is not None
 
     def __len__(self) -> int:
         with self._lock:
@@ -111,11 +146,16 @@ class SessionStore:
         with self._lock:
             return sum(len(c.kv_state or b"") for c in self._items.values())
 
-    def covers(self, tokens: Sequence[int]) -> bool:
-        """Some conversation's saved cells hold these tokens (or more that start with them)."""
+    def covers(self, tokens: Sequence[int], owner: str) -> bool:
+        """One of `owner`'s conversations has saved cells that hold these tokens (or more
+        that start with them)."""
         with self._lock:
             self._expire()
-            return any(starts_with(c.kv_tokens, tokens) for c in self._items.values())
+            return any(
+                starts_with(c.kv_tokens, tokens)
+                for (who, _name), c in self._items.items()
+                if who == owner
+            )
 
     def commit(self, conv: _Conversation, new: list[dict[str, str]]) -> None:
         """Add a finished turn. A conversation reset meanwhile stays forgotten."""
@@ -141,10 +181,10 @@ class SessionStore:
     def _expire(self) -> None:
         now = time.monotonic()
         while self._items:
-            name, conv = next(iter(self._items.items()))
+            key, conv = next(iter(self._items.items()))
             if now - conv.last_used < self.idle_s:
                 break
-            del self._items[name]
+            del self._items[key]
 
 
 def drop_oldest_turn(messages: list[dict[str, str]]) -> bool:
@@ -222,17 +262,24 @@ class _Prefix:
     tokens: list[int]
     state: bytes
     origin: str  # "computed", "disk"
+    owner: str = ""  # "": the configured system prompt; else the client that sent its own
     last_used: float = field(default_factory=time.monotonic)
 
 
 class PrefixStore:
     """System-prompt snapshots: in RAM under a byte budget, on disk keyed by model + tokens.
 
-    A file holds a JSON header line (model sha256, n_ctx, tokens) and the raw sequence state;
-    it is written to a temporary name and renamed, so a crash leaves no half file behind.
+    A file holds a JSON header line (model sha256, n_ctx, owner, tokens, and an HMAC-SHA256
+    of the header and the state under a key only the daemon can read) and the raw sequence
+    state; it is written to a temporary name and renamed, so a crash leaves no half file
+    behind. llama.cpp loads these bytes as they are, so a file whose MAC does not check out
+    (damaged, or written by anyone but this daemon) is never loaded. A client's own system
+    prompt is kept under its owner: only the same client reuses it.
     """
 
     MIN_TOKENS = 16
+    KEY_FILE = "snapshot.key"
+    KEY_BYTES = 32
 
     def __init__(self, directory: Optional[Path], model_sha256: str, n_ctx: int,
                  budget: int, max_files: int, flash_attn: bool = False) -> None:  # fmt: skip
@@ -241,29 +288,33 @@ class PrefixStore:
         # context without it, so it is part of the key (absent when off: older files stay valid).
         self.flash_attn = flash_attn
         self.budget, self.max_files = budget, max_files
-        self._items: dict[tuple[int, ...], _Prefix] = {}
+        self._items: dict[tuple[str, tuple[int, ...]], _Prefix] = {}
         self._writers: list[threading.Thread] = []
+        self._mac_key: Optional[bytes] = None
+        self._key_lock = threading.Lock()  # the inference thread and the writer threads
         self.hits = collections.Counter[str]()
+        self.rejected = 0  # files on disk whose MAC did not check out
 
-    def key(self, tokens: list[int]) -> str:
+    def key(self, tokens: list[int], owner: str = "") -> str:
         layout = "fa:" if self.flash_attn else ""
-        h = hashlib.sha256(f"{self.model_sha256}:{self.n_ctx}:{layout}".encode())
+        mine = f"owner:{owner}:" if owner else ""
+        h = hashlib.sha256(f"{self.model_sha256}:{self.n_ctx}:{layout}{mine}".encode())
         h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
         return h.hexdigest()[:32]
 
-    def get(self, tokens: list[int]) -> Optional[_Prefix]:
+    def get(self, tokens: list[int], owner: str = "") -> Optional[_Prefix]:
         """The snapshot for exactly these tokens, from RAM or else from disk."""
-        item = self._items.get(tuple(tokens))
+        item = self._items.get((owner, tuple(tokens)))
         if item is None:
-            item = self._read(tokens)
+            item = self._read(tokens, owner)
             if item is not None:
                 self._keep(item)
         if item is not None:
             item.last_used = time.monotonic()
         return item
 
-    def add(self, tokens: list[int], state: bytes) -> None:
-        item = _Prefix(list(tokens), state, "computed")
+    def add(self, tokens: list[int], state: bytes, owner: str = "") -> None:
+        item = _Prefix(list(tokens), state, "computed", owner)
         if self._keep(item) and self.dir is not None:
             writer = threading.Thread(target=self._write, args=(item,), name="prefix-writer")
             writer.start()
@@ -273,8 +324,9 @@ class PrefixStore:
         for writer in self._writers:
             writer.join(timeout)
 
-    def bytes(self) -> int:
-        return sum(len(p.state) for p in self._items.values())
+    def ram_bytes(self) -> int:
+        # list(): status reads this on the event loop while the inference thread adds items.
+        return sum(len(p.state) for p in list(self._items.values()))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -282,33 +334,84 @@ class PrefixStore:
     def _keep(self, item: _Prefix) -> bool:
         if len(item.state) > self.budget:
             return False
-        self._items[tuple(item.tokens)] = item
-        total = self.bytes()
+        self._items[item.owner, tuple(item.tokens)] = item
+        total = self.ram_bytes()
         for other in sorted(self._items.values(), key=lambda p: p.last_used):
             if total <= self.budget:
                 break
             if other is not item:
                 total -= len(other.state)
-                del self._items[tuple(other.tokens)]
+                del self._items[other.owner, tuple(other.tokens)]
         return True
 
-    def _read(self, tokens: list[int]) -> Optional[_Prefix]:
+    def _key_bytes(self, create: bool) -> Optional[bytes]:
+        """The MAC key, made once per cache directory, readable by the daemon's user only.
+
+        It is written under a temporary name and linked into place whole, so a crash or
+        another thread never sees a short key; a file of any other size is not a key.
+        """
+        assert self.dir is not None
+        with self._key_lock:
+            if self._mac_key is not None:
+                return self._mac_key
+            path = self.dir / self.KEY_FILE
+            try:
+                key = path.read_bytes()
+            except FileNotFoundError:
+                if not create:
+                    return None
+                self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                tmp = path.with_name(f"{self.KEY_FILE}.{os.getpid()}.tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(os.urandom(self.KEY_BYTES))
+                    f.flush()
+                    os.fsync(f.fileno())
+                with contextlib.suppress(FileExistsError):  # another daemon was quicker
+                    os.link(tmp, path)
+                tmp.unlink()
+                key = path.read_bytes()
+            if len(key) != self.KEY_BYTES:
+                raise OSError(f"{path} is not a {self.KEY_BYTES}-byte key; remove it")
+            self._mac_key = key
+            return key
+
+    @staticmethod
+    def _mac(key: bytes, header: dict[str, Any], state: bytes) -> str:
+        mac = hmac.new(key, json.dumps(header, sort_keys=True).encode(), hashlib.sha256)
+        mac.update(state)
+        return mac.hexdigest()
+
+    def _read(self, tokens: list[int], owner: str) -> Optional[_Prefix]:
         if self.dir is None:
             return None
-        path = self.dir / f"{self.key(tokens)}.kv"
+        path = self.dir / f"{self.key(tokens, owner)}.kv"
         try:
             with open(path, "rb") as f:
                 header = json.loads(f.readline())
                 state = f.read()
+            key = self._key_bytes(create=False)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
             log.warning("ignoring prefix snapshot %s: %s", path, exc)
             return None
+        if not isinstance(header, dict):
+            header = {}
+        mac = header.pop("mac", None)
+        if (
+            key is None
+            or not isinstance(mac, str)
+            or not hmac.compare_digest(mac, self._mac(key, header, state))
+        ):
+            self.rejected += 1
+            log.warning("ignoring prefix snapshot %s: its MAC does not match its contents", path)
+            return None
         if (
             header.get("model_sha256") != self.model_sha256
             or header.get("n_ctx") != self.n_ctx
             or header.get("flash_attn", False) != self.flash_attn
+            or header.get("owner", "") != owner
             or header.get("tokens") != tokens
             or header.get("bytes") != len(state)
         ):
@@ -316,22 +419,27 @@ class PrefixStore:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # newest files survive pruning
-        return _Prefix(list(tokens), state, "disk")
+        return _Prefix(list(tokens), state, "disk", owner)
 
     def _write(self, item: _Prefix) -> None:
         assert self.dir is not None
-        header = {
+        header: dict[str, Any] = {
             "model_sha256": self.model_sha256,
             "n_ctx": self.n_ctx,
             **({"flash_attn": True} if self.flash_attn else {}),
+            **({"owner": item.owner} if item.owner else {}),
             "tokens": item.tokens,
             "bytes": len(item.state),
         }
-        path = self.dir / f"{self.key(item.tokens)}.kv"
+        path = self.dir / f"{self.key(item.tokens, item.owner)}.kv"
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            key = self._key_bytes(create=True)
+            assert key is not None
+            header["mac"] = self._mac(key, header, item.state)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps(header).encode() + b"\n")
                 f.write(item.state)
                 f.flush()
@@ -360,6 +468,7 @@ class _Active:
     cached: int  # prompt tokens whose cells were reused
     cache: str  # where they came from: slot, session, prefix, none
     prefix_end: int  # prompt tokens that make the system prefix (snapshot when reached)
+    prefix_owner: str  # whose that prefix is ("": the configured system prompt, everyone's)
     utf8: Any  # incremental UTF-8 decoder
     matcher: _StopMatcher
     completion: list[int] = field(default_factory=list)
@@ -385,6 +494,7 @@ class Engine:
             max_turns=cfg.engine.session_max_turns,
             idle_s=cfg.engine.session_idle_s,
             kv_budget=cfg.engine.session_cache_mb << 20,
+            per_client=cfg.engine.max_sessions_per_client,
         )
         where = cfg.engine.prefix_cache_dir
         prefix_dir = None if where == "off" else Path(where) if where else default_prefix_dir()
@@ -486,8 +596,9 @@ class Engine:
             "active": len(self._active),
             "max_per_client": self._client_cap(),
             "prefix_snapshots": len(self.prefixes),
-            "prefix_mb": round(self.prefixes.bytes() / 1e6, 1),
+            "prefix_mb": round(self.prefixes.ram_bytes() / 1e6, 1),
             "prefix_hits": dict(self.prefixes.hits),
+            "prefix_rejected": self.prefixes.rejected,
             "prompt_cache": self.prompt_cache.stats(),
             **({"system_prefix": self.system_prefix} if self.system_prefix else {}),
         }
@@ -508,17 +619,18 @@ class Engine:
         assert self._dec is not None
         return len(self._dec.tokenize(text, special=False))
 
-    def history(self, session: Optional[str]) -> list[dict[str, str]]:
-        """The conversation so far (for a request answered elsewhere, e.g. by the cloud)."""
+    def shareable_history(self, owner: str, session: Optional[str]) -> list[dict[str, str]]:
+        """The conversation so far that may leave the box (for a request answered by the
+        cloud): private turns and the answers to them stay out."""
         if not session or not self.sessions.max_sessions:
             return []
-        return list(self.sessions.get(session).messages)
+        return shareable(self.sessions.messages(self.sessions.get(owner, session)))
 
-    def record_turn(self, session: Optional[str], messages: tuple[dict[str, str], ...],
-                    answer: str) -> None:  # fmt: skip
+    def record_turn(self, owner: str, session: Optional[str],
+                    messages: tuple[dict[str, str], ...], answer: str) -> None:  # fmt: skip
         """Add a turn answered elsewhere to the conversation, so follow-ups see it."""
         if session and self.sessions.max_sessions:
-            conv = self.sessions.get(session)
+            conv = self.sessions.get(owner, session)
             self.sessions.commit(conv, [*messages, {"role": "assistant", "content": answer}])
 
     # --- inference thread -----------------------------------------------------------------
@@ -657,7 +769,7 @@ class Engine:
     ) -> Optional[tuple[list[int], list[dict[str, str]]]]:
         """Chat messages → tokens, dropping the oldest session turns until the answer fits."""
         req, n_ctx = job.request, self.cfg.model.n_ctx
-        history = list(conv.messages) if conv else []
+        history = plain(self.sessions.messages(conv)) if conv else []
         new = list(req.messages)
         system = self.cfg.model.system_prompt
         has_system = any(m["role"] == "system" for m in history + new)
@@ -688,7 +800,7 @@ class Engine:
                 return
             max_tokens = req.max_tokens or self.cfg.model.max_tokens
             conv = (
-                self.sessions.get(req.session)
+                self.sessions.get(job.owner, req.session)
                 if req.session and self.sessions.max_sessions
                 else None
             )
@@ -705,9 +817,20 @@ class Engine:
             prefix_end = len(prefix) if tokens[: len(prefix)] == prefix else 0
             if prefix_end < PrefixStore.MIN_TOKENS:
                 prefix_end = 0
+            # The configured system prompt is everyone's; a system message a client sent is
+            # its own, and so is everything after the template's common start.
+            configured = self._prefix_tokens(self._configured_lead())
+            public = (
+                len(tokens)
+                if self.cfg.engine.share_prompt_cache
+                else common_prefix(tokens, configured)
+            )
+            prefix_owner = "" if lead == self._configured_lead() else job.owner
 
-            slot, cache = self._fill_slot(tokens, conv, prefix_end)
-            kept = dec.reuse(slot, tokens)
+            slot, cache = self._fill_slot(tokens, conv, prefix_end, job.owner, public,
+                                          prefix_owner)  # fmt: skip
+            kept = dec.reuse(slot, tokens, None if slot.owner == job.owner else public)
+            slot.owner = job.owner
             if kept == 0:
                 cache = "none"
             dec.set_sampler(
@@ -723,16 +846,21 @@ class Engine:
         self._active[slot.seq] = _Active(
             job=job, slot=slot, prompt=tokens, conv=conv, max_tokens=max_tokens,
             started=started, cached=kept, cache=cache,
-            prefix_end=prefix_end if kept < prefix_end else 0,
+            prefix_end=prefix_end if kept < prefix_end else 0, prefix_owner=prefix_owner,
             utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
             matcher=_StopMatcher(req.stop),
         )  # fmt: skip
         with self._cond:
             self._per_client[job.client] += 1
 
+    def _configured_lead(self) -> list[dict[str, str]]:
+        system = self.cfg.model.system_prompt
+        return [{"role": "system", "content": system}] if system else []
+
     def _fill_slot(
-        self, tokens: list[int], conv: Optional[_Conversation], prefix_end: int
-    ) -> tuple[Slot, str]:
+        self, tokens: list[int], conv: Optional[_Conversation], prefix_end: int, owner: str,
+        public: int, prefix_owner: str,
+    ) -> tuple[Slot, str]:  # fmt: skip
         """Pick a free slot for `tokens` and load the longest start of them that any cache
         holds; return the slot and where its cells came from.
 
@@ -742,23 +870,31 @@ class Engine:
         cache. The start of the prompt then comes from whichever holds the most of it: the
         slot itself, the session's saved cells, another slot (copied), the prompt cache, or
         the system prompt's snapshot.
+
+        Cells another client left behind serve only the prompt's `public` start (the template
+        and the configured system prompt): reusing more would show in usage.cached_tokens how
+        much of this prompt someone else sent recently.
         """
         dec = self._dec
         assert dec is not None
         last = len(tokens) - 1  # one prompt token is always evaluated, for its logits
         used = self._slot_used
 
-        def reach(held: Sequence[int]) -> int:
-            return min(common_prefix(held, tokens), last)
+        def reach(held: Sequence[int], whose: str = owner) -> int:
+            n = min(common_prefix(held, tokens), last)
+            return n if whose == owner else min(n, public)
+
+        def slot_reach(s: Slot) -> int:
+            return reach(s.cached, s.owner)
 
         free = [s for s in dec.slots if s.seq not in self._active]
-        best = max(free, key=lambda s: (reach(s.cached), -used.get(s.seq, 0.0)))
-        lost = len(best.cached) - reach(best.cached)  # cells a new prompt would drop
-        if reach(best.cached) == last or lost < COPY_MIN_TOKENS:
+        best = max(free, key=lambda s: (slot_reach(s), -used.get(s.seq, 0.0)))
+        lost = len(best.cached) - slot_reach(best)  # cells a new prompt would drop
+        if slot_reach(best) == last or lost < COPY_MIN_TOKENS:
             slot = best
         else:
             slot = min(free, key=lambda s: (bool(s.cached), used.get(s.seq, 0.0)))
-        have = reach(slot.cached)
+        have = slot_reach(slot)
         # (prompt tokens it holds, the margin over `have` it needs, name, its size in tokens,
         # its tokens and cells)
         Source = Callable[[], tuple[list[int], bytes]]
@@ -766,19 +902,19 @@ class Engine:
         if conv is not None and conv.kv_state is not None:
             state, held = conv.kv_state, list(conv.kv_tokens)
             options.append((reach(held), 1, "session", len(held), lambda: (held, state)))
-        donor = max((s for s in dec.slots if s is not slot), key=lambda s: reach(s.cached),
+        donor = max((s for s in dec.slots if s is not slot), key=slot_reach,
                     default=None)  # fmt: skip
         if donor is not None:
             # A running slot's cells too: a memory copy beats evaluating the tokens again.
-            options.append((reach(donor.cached), COPY_MIN_TOKENS, "copied", len(donor.cached),
+            options.append((slot_reach(donor), COPY_MIN_TOKENS, "copied", len(donor.cached),
                             lambda: (list(donor.cached), dec.save(donor))))  # fmt: skip
-        shared, key = self.prompt_cache.best(tokens)
+        shared, key = self.prompt_cache.best(tokens, owner, public)
         if key is not None:
             # The bytes are held here: storing the slot's own cells below may evict the entry.
             saved, cells = list(key), self.prompt_cache.get(key)
             options.append((min(shared, last), COPY_MIN_TOKENS, "ram", len(key),
                             lambda: (saved, cells)))  # fmt: skip
-        item = self.prefixes.get(tokens[:prefix_end]) if prefix_end > have else None
+        item = self.prefixes.get(tokens[:prefix_end], prefix_owner) if prefix_end > have else None
         if item is not None:
             found = item
             options.append((prefix_end, 1, f"prefix-{found.origin}", prefix_end,
@@ -791,9 +927,13 @@ class Engine:
                 self._stash(slot)
             return slot, "slot"
         self._stash(slot)  # all of its cells are replaced
-        for _n, _margin, name, _size, source in ranked:
+        for n, _margin, name, _size, source in ranked:
             held, state = source()
             if dec.load(slot, held, state):
+                # What was loaded beyond the `n` tokens this prompt may use goes at once: the
+                # slot is this client's now.
+                dec.truncate(slot, n)
+                slot.owner = owner
                 if name == "ram" and key is not None:
                     self.prompt_cache.hit(key)
                 elif name.startswith("prefix-"):
@@ -807,16 +947,17 @@ class Engine:
 
     def _stash(self, slot: Slot) -> None:
         """Keep a free slot's cells in the prompt cache before they are replaced, unless
-        another slot, a session or the cache already holds them."""
-        dec, held = self._dec, slot.cached
+        another slot, a session or the cache already holds them for the same client."""
+        dec, held, owner = self._dec, slot.cached, slot.owner
         assert dec is not None
-        if not self.prompt_cache.wants(held):
+        if not self.prompt_cache.wants(held, owner):
             return
-        if any(o is not slot and starts_with(o.cached, held) for o in dec.slots):
+        if any(o is not slot and o.owner == owner and starts_with(o.cached, held)
+               for o in dec.slots):  # fmt: skip
             return
-        if self.sessions.covers(held):
+        if self.sessions.covers(held, owner):
             return
-        self.prompt_cache.put(list(held), dec.save(slot))
+        self.prompt_cache.put(list(held), dec.save(slot), owner)
 
     def _compact(self) -> None:
         """Move running jobs to the lowest slots: llama.cpp evaluates the running streams in
@@ -908,7 +1049,8 @@ class Engine:
             del a.slot.pending[:take]
             a.prefill_s += now - t0
             if a.prefix_end and len(a.slot.cached) == a.prefix_end:
-                self.prefixes.add(a.prompt[: a.prefix_end], self._dec.save(a.slot))
+                self.prefixes.add(a.prompt[: a.prefix_end], self._dec.save(a.slot),
+                                  a.prefix_owner)  # fmt: skip
                 a.prefix_end = 0
         for a in list(self._active.values()):
             if a.slot.ready_to_sample:
@@ -950,7 +1092,11 @@ class Engine:
         n = len(a.completion)
         if a.conv is not None:
             # Before `done`: a client that reacts to it (follow-up, reset) sees the new turn.
-            self.sessions.commit(a.conv, [*req.messages, {"role": "assistant", "content": text}])
+            # A private turn stays marked, so that it never goes to the cloud with a later one.
+            turn = [*req.messages, {"role": "assistant", "content": text}]
+            if req.private:
+                turn = [{**m, PRIVATE: "1"} for m in turn]
+            self.sessions.commit(a.conv, turn)
         job.emit(
             {
                 "event": "done",

@@ -4,7 +4,9 @@ When the engine gives a slot to a new prompt, the cells the slot held (an earlie
 its answer) would be lost; they are stored here first, and a later prompt that starts the same
 way (the same question again, a question about the same note) loads them instead of
 evaluating those tokens again. Least recently used entries go first when the budget is full.
-Only the inference thread uses it; `stats` may be read from anywhere.
+Each entry belongs to the client whose prompt it holds: another client is offered only the
+part it may see (see `best`). Only the inference thread uses it; `stats` may be read from
+anywhere.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class PromptCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._items: collections.OrderedDict[Key, bytes] = collections.OrderedDict()
+        self._owners: dict[Key, str] = {}
         self._bytes = 0
         self.hits = 0
         self.stored = 0
@@ -40,11 +43,14 @@ class PromptCache:
             "evicted": self.evicted,
         }
 
-    def best(self, tokens: list[int]) -> tuple[int, Optional[Key]]:
-        """The entry sharing the longest start with `tokens`, and how many tokens it shares."""
+    def best(self, tokens: list[int], owner: str, public: int) -> tuple[int, Optional[Key]]:
+        """The entry sharing the longest start with `tokens`, and how many tokens it shares:
+        at most `public` of another owner's entry (the part every prompt starts with)."""
         found, key = 0, None
         for item in self._items:
             n = common_prefix(item, tokens)
+            if self._owners.get(item) != owner:
+                n = min(n, public)
             if n > found:
                 found, key = n, item
         return found, key
@@ -60,27 +66,38 @@ class PromptCache:
 
     def drop(self, key: Key) -> None:
         state = self._items.pop(key, None)
+        self._owners.pop(key, None)
         if state is not None:
             self._bytes -= len(state)
 
-    def covers(self, tokens: list[int]) -> bool:
-        """Some entry holds these tokens' cells (or more that start with them)."""
-        return any(starts_with(item, tokens) for item in self._items)
+    def covers(self, tokens: list[int], owner: str) -> bool:
+        """Some entry of `owner` holds these tokens' cells (or more that start with them)."""
+        return any(
+            starts_with(item, tokens) and self._owners.get(item) == owner for item in self._items
+        )
 
-    def wants(self, tokens: list[int]) -> bool:
-        return bool(self.budget) and len(tokens) >= self.MIN_TOKENS and not self.covers(tokens)
+    def wants(self, tokens: list[int], owner: str) -> bool:
+        return (
+            bool(self.budget) and len(tokens) >= self.MIN_TOKENS and not self.covers(tokens, owner)
+        )
 
-    def put(self, tokens: list[int], state: bytes) -> None:
-        """Keep these cells; entries they extend are dropped, the oldest go over budget."""
+    def put(self, tokens: list[int], state: bytes, owner: str) -> None:
+        """Keep these cells; the owner's entries they extend are dropped, the oldest go over
+        budget."""
         if not self.budget or len(state) > self.budget:
             return
         key = tuple(tokens)
         for item in [k for k in self._items if starts_with(key, k)]:
-            self._bytes -= len(self._items.pop(item))
+            if self._owners.get(item) == owner:
+                self.drop(item)
+        if key in self._items:  # the same tokens, another owner's: the newest owner keeps them
+            self.drop(key)
         self._items[key] = state
+        self._owners[key] = owner
         self._bytes += len(state)
         self.stored += 1
         while self._bytes > self.budget:
-            _, old = self._items.popitem(last=False)
+            old_key, old = self._items.popitem(last=False)
+            self._owners.pop(old_key, None)
             self._bytes -= len(old)
             self.evicted += 1

@@ -10,11 +10,14 @@ from hypothesis import strategies as st
 
 from edgeagent.decoder import starts_with
 from edgeagent.engine import (
+    PRIVATE,
     PrefixStore,
     SessionStore,
     _StopMatcher,
     common_prefix,
     drop_oldest_turn,
+    plain,
+    shareable,
 )
 from edgeagent.promptcache import PromptCache
 
@@ -73,18 +76,42 @@ def test_drop_oldest_turn_keeps_system_messages() -> None:
 
 def test_session_store_bounds_turns_sessions_and_kv_bytes() -> None:
     store = SessionStore(max_sessions=2, max_turns=2, idle_s=3600, kv_budget=100)
-    conv = store.get("a")
+    conv = store.get("u1", "a")
     for i in range(4):
         store.commit(conv, [{"role": "user", "content": f"u{i}"},
                                  {"role": "assistant", "content": f"a{i}"}])  # fmt: skip
     assert [m["content"] for m in conv.messages] == ["u2", "a2", "u3", "a3"]
     store.store_kv(conv, [1, 2], b"x" * 60)
-    other = store.get("b")
+    other = store.get("u1", "b")
     store.store_kv(other, [3], b"y" * 60)  # over budget: the older state goes
     assert conv.kv_state is None and other.kv_state is not None
-    store.get("c")  # third session: the least recently used one is dropped
+    store.get("u1", "c")  # third session: the least recently used one is dropped
     assert len(store) == 2
-    assert store.get("a").messages == []
+    assert store.get("u1", "a").messages == []
+
+
+def test_sessions_belong_to_their_client() -> None:
+    store = SessionStore(max_sessions=8, max_turns=8, idle_s=3600, kv_budget=100)
+    mine = store.get("uid:1000", "shift")
+    store.commit(mine, [{"role": "user", "content": "badge KX9"}])
+    store.store_kv(mine, [5, 6, 7], b"k")
+    theirs = store.get("uid:1001", "shift")  # the same name: a new, empty conversation
+    assert theirs is not mine and theirs.messages == []
+    assert store.covers([5, 6], "uid:1000") and not store.covers([5, 6], "uid:1001")
+    assert not store.drop("uid:1001", "nope")
+    assert store.drop("uid:1001", "shift")  # its own
+    assert store.get("uid:1000", "shift").messages == [{"role": "user", "content": "badge KX9"}]
+
+
+def test_private_turns_never_leave_with_the_history() -> None:
+    history = [
+        {"role": "user", "content": "badge KX9", PRIVATE: "1"},
+        {"role": "assistant", "content": "noted KX9", PRIVATE: "1"},
+        {"role": "user", "content": "line speed?"},
+        {"role": "assistant", "content": "120/min"},
+    ]
+    assert shareable(history) == history[2:]
+    assert all(set(m) == {"role", "content"} for m in plain(history))
 
 
 def test_common_prefix() -> None:
@@ -100,24 +127,37 @@ def test_starts_with() -> None:
 def test_prompt_cache_keeps_the_longest_runs_under_its_budget() -> None:
     cache = PromptCache(budget=3000)
     stem = list(range(20))
-    cache.put(stem, b"a" * 1000)
-    cache.put([*stem, 100, 101], b"b" * 1000)  # extends the first: it replaces it
+    cache.put(stem, b"a" * 1000, "me")
+    cache.put([*stem, 100, 101], b"b" * 1000, "me")  # extends the first: it replaces it
     assert len(cache) == 1 and cache.stats()["stored"] == 2
-    assert cache.covers(stem) and not cache.wants(stem)  # already held, not stored again
-    cache.put([*range(50, 70)], b"c" * 1000)
-    cache.put([*range(80, 100)], b"d" * 1000)
-    shared, key = cache.best([*stem, 100, 7])
+    # already held, not stored again
+    assert cache.covers(stem, "me") and not cache.wants(stem, "me")
+    cache.put([*range(50, 70)], b"c" * 1000, "me")
+    cache.put([*range(80, 100)], b"d" * 1000, "me")
+    shared, key = cache.best([*stem, 100, 7], "me", 0)
     assert shared == 21 and key is not None
     cache.hit(key)  # now the most recently used: the next insert evicts another entry
-    cache.put([*range(200, 220)], b"e" * 1000)
+    cache.put([*range(200, 220)], b"e" * 1000, "me")
     assert cache.stats()["evicted"] == 1 and cache.stats()["hits"] == 1
-    assert cache.best([*stem, 100])[0] == 21
-    assert cache.best([*range(50, 70)])[0] == 0  # the least recently used one went
+    assert cache.best([*stem, 100], "me", 0)[0] == 21
+    assert cache.best([*range(50, 70)], "me", 0)[0] == 0  # the least recently used one went
     assert len(cache) == 3
     cache.drop(key)
-    assert cache.best([*stem, 100])[0] == 0
-    assert not PromptCache(budget=0).wants(stem)
-    assert not cache.wants(list(range(5)))  # too short to be worth keeping
+    assert cache.best([*stem, 100], "me", 0)[0] == 0
+    assert not PromptCache(budget=0).wants(stem, "me")
+    assert not cache.wants(list(range(5)), "me")  # too short to be worth keeping
+
+
+def test_another_clients_cells_serve_only_the_public_start() -> None:
+    cache = PromptCache(budget=10_000)
+    secret = [*range(30), 900, 901, 902]  # a template start of 30 tokens, then a question
+    cache.put(secret, b"s" * 100, "uid:1000")
+    assert cache.best([*range(30), 900, 901, 5], "uid:1001", 30)[0] == 30
+    assert cache.best([*range(30), 900, 901, 5], "uid:1000", 30)[0] == 32
+    # Another client's entry is neither taken as covering its prompt nor replaced by it.
+    assert cache.wants(secret, "uid:1001")
+    cache.put(secret[:-1], b"t" * 100, "uid:1001")
+    assert len(cache) == 2
 
 
 def test_prefix_snapshots_made_with_flash_attention_are_kept_apart(tmp_path: Path) -> None:
@@ -138,3 +178,54 @@ def test_prefix_snapshots_made_with_flash_attention_are_kept_apart(tmp_path: Pat
     again.flush()
     found = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4).get(tokens)
     assert found is not None and found.origin == "disk" and found.state == b"state"
+
+
+def test_a_prefix_snapshot_is_loaded_only_when_its_mac_checks_out(tmp_path: Path) -> None:
+    """llama.cpp loads a snapshot's bytes as they are: a file changed by anyone but the daemon
+    (or damaged) is never handed to it, and the key and files are the daemon user's only."""
+    tokens = list(range(40))
+    store = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4)
+    store.add(tokens, b"state-bytes")
+    store.flush()
+    path = tmp_path / f"{store.key(tokens)}.kv"
+    assert path.stat().st_mode & 0o077 == 0
+    assert (tmp_path / PrefixStore.KEY_FILE).stat().st_mode & 0o077 == 0
+    assert PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4).get(tokens) is not None
+    header, state = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(header + b"\n" + state.replace(b"state", b"STATE"))  # same length
+    tampered = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4)
+    assert tampered.get(tokens) is None and tampered.rejected == 1
+    # A header rewritten to match, without the key, does not pass either.
+    path.write_bytes(header.replace(b'"mac": "', b'"mac": "0') + b"\n" + state)
+    assert PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4).get(tokens) is None
+
+
+def test_a_clients_own_system_prompt_snapshot_is_its_own(tmp_path: Path) -> None:
+    tokens = list(range(40))
+    store = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4)
+    store.add(tokens, b"mine", owner="uid:1000")
+    store.flush()
+    assert store.get(tokens, "uid:1001") is None and store.get(tokens) is None
+    fresh = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4)
+    assert fresh.get(tokens, "uid:1001") is None
+    found = fresh.get(tokens, "uid:1000")
+    assert found is not None and found.state == b"mine" and found.origin == "disk"
+
+
+def test_one_client_cannot_push_out_the_others_sessions() -> None:
+    store = SessionStore(max_sessions=8, max_turns=8, idle_s=3600, kv_budget=100, per_client=3)
+    store.get("uid:1000", "kept")
+    for i in range(20):  # a client naming ever new sessions
+        store.get("uid:1001", f"s{i}")
+    assert len(store) == 4  # the first client's one, and the last 3 of the other's
+    assert store.drop("uid:1000", "kept")
+    assert not store.drop("uid:1001", "s16") and store.drop("uid:1001", "s19")
+
+
+def test_a_key_file_of_the_wrong_size_is_no_key(tmp_path: Path) -> None:
+    (tmp_path / PrefixStore.KEY_FILE).write_bytes(b"")  # a crash right after creating it
+    store = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4)
+    store.add(list(range(40)), b"state")
+    store.flush()
+    assert not list(tmp_path.glob("*.kv"))  # nothing written under an empty key
+    assert store.get(list(range(40))) is not None  # RAM still serves it
