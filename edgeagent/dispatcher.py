@@ -43,6 +43,11 @@ class ReplySink(Protocol):
         """Who is asking, for logs."""
 
     @property
+    def identity(self) -> str:
+        """Who the client is, for what outlives a request: sessions, results, quotas, the
+        prompt cache. Socket: the peer's uid (SO_PEERCRED); MQTT: the reply topic."""
+
+    @property
     def scope(self) -> Hashable:
         """Request ids are unique within a scope: a socket connection, an MQTT reply topic."""
 
@@ -164,6 +169,7 @@ class Dispatcher:
         self.accepting = True
         self._inflight: dict[tuple[Hashable, str], _Inflight] = {}
         self._per_scope: collections.Counter[Hashable] = collections.Counter()
+        self._results_pending: collections.Counter[Hashable] = collections.Counter()
         self._process = psutil.Process(os.getpid())
         self.idle = asyncio.Event()
         self.idle.set()
@@ -299,7 +305,8 @@ class Dispatcher:
         # The local answer's tokens must join up to `done.text` on their own.
         self._void_cloud_tokens(entry, "the cloud answer broke off")
         priority = sink.priority if req.priority is None else req.priority
-        job = Job(req, emit, entry.deadline, client=sink.scope, priority=priority)
+        job = Job(req, emit, entry.deadline, client=sink.scope, priority=priority,
+                  owner=sink.identity)  # fmt: skip
         job.want_confidence = want_confidence
         try:
             self.engine.submit(job)
@@ -335,11 +342,20 @@ class Dispatcher:
                 return
             stored = await esc.record(
                 escalation_id(self.cfg.node_id, entry.sink, req), req.id, reason.as_dict(),
-                self._cloud_payload(req, reason), entry.sink.reply_address,
+                self._cloud_payload(req, entry.sink, reason), entry.sink.reply_address,
+                entry.sink.identity,
             )  # fmt: skip
+        except sp.QuotaExceeded as exc:  # this client has enough waiting: the local model answers
+            log.warning("escalating %s from %s refused: %s", req.id, entry.sink.peer, exc)
+            entry.escalation = {**reason.as_dict(), "status": "refused", "message": str(exc)}
+            if not entry.finished:  # not cancelled while the spool was looking
+                self._ask_local(entry)
+            return
         except SpoolError as exc:  # disk full, I/O error: the message says which, no traceback
             log.error("escalating %s failed: %s", req.id, exc)
-            self._deliver(entry, protocol.error_event(req.id, protocol.INTERNAL, str(exc)))
+            entry.escalation = {**reason.as_dict(), "status": "error", "message": str(exc)}
+            if not entry.finished:
+                self._ask_local(entry)
             return
         except Exception as exc:
             log.exception("escalating %s failed", req.id)
@@ -372,10 +388,18 @@ class Dispatcher:
         else:
             self._ask_local(entry, spooled=True)
 
-    def _cloud_payload(self, req: Request, reason: policy.Reason) -> dict[str, Any]:
-        """What goes to the cloud: the conversation so far, redacted."""
+    def _cloud_payload(self, req: Request, sink: ReplySink, reason: policy.Reason,
+                       answered: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """What goes to the cloud: the conversation so far, less its private turns, redacted.
+
+        `answered`: the local answer of a request asked again as a second opinion; the
+        session already holds that turn, which is the question asked, not history.
+        """
         assert self.escalator is not None
-        history = self.engine.history(req.session)
+        history = self.engine.shareable_history(sink.identity, req.session)
+        turn = [*req.messages, {"role": "assistant", "content": answered}]
+        if answered is not None and history[-len(turn) :] == turn:
+            history = history[: -len(turn)]
         system = self.cfg.model.system_prompt
         has_system = any(m["role"] == "system" for m in [*history, *req.messages])
         messages = [{"role": "system", "content": system}] if system and not has_system else []
@@ -432,7 +456,7 @@ class Dispatcher:
             self._ask_local(entry)
             return
         text = event.get("text", "")
-        self.engine.record_turn(req.session, req.messages, text)
+        self.engine.record_turn(entry.sink.identity, req.session, req.messages, text)
         now = time.monotonic()
         entry.escalation["status"] = "answered"
         started = entry.cloud_started or now
@@ -469,10 +493,16 @@ class Dispatcher:
         try:
             stored = await esc.record(
                 escalation_id(self.cfg.node_id, entry.sink, req), req.id, reason.as_dict(),
-                self._cloud_payload(req, reason), entry.sink.reply_address,
+                self._cloud_payload(req, entry.sink, reason, event.get("text", "")),
+                entry.sink.reply_address, entry.sink.identity,
             )  # fmt: skip
             esc.watch(stored.id, entry.sink)
             event["escalation"] = {**reason.as_dict(), "id": stored.id, "status": "queued"}
+        except sp.QuotaExceeded as exc:
+            event["escalation"] = {**reason.as_dict(), "status": "refused", "message": str(exc)}
+        except SpoolError as exc:
+            log.error("second opinion for %s could not be recorded: %s", req.id, exc)
+            event["escalation"] = {**reason.as_dict(), "status": "error", "message": str(exc)}
         except Exception:
             log.exception("second opinion for %s could not be recorded", req.id)
             event["escalation"] = {**reason.as_dict(), "status": "error"}
@@ -555,21 +585,32 @@ class Dispatcher:
                 self._stop(entry, protocol.CANCELLED)
         elif op.op == "reset":
             assert op.session is not None
-            found = self.engine.sessions.drop(op.session)
+            found = self.engine.sessions.drop(sink.identity, op.session)
             sink.send({"event": "reset", "session": op.session, "found": found})
         elif op.op == "result":
             assert op.id is not None
+            # A spool lookup each: as many at once per client as it may have requests.
+            if self._results_pending[sink.scope] >= sink.max_inflight:
+                self._reply_error(sink, op.id, protocol.BUSY,
+                                  f"more than {sink.max_inflight} result ops pending")  # fmt: skip
+                return
+            self._results_pending[sink.scope] += 1
             self._spawn(self._result(op.id, sink))
 
     async def _result(self, key: str, sink: ReplySink) -> None:
-        if self.escalator is None:
-            event: Event = {"event": "result", "id": key, "status": "unknown"}
-        else:
-            try:
-                event = await self.escalator.result(key)
-            except Exception as exc:
-                log.exception("result %s", key)
-                event = protocol.error_event(key, protocol.INTERNAL, str(exc))
+        try:
+            if self.escalator is None:
+                event: Event = {"event": "result", "id": key, "status": "unknown"}
+            else:
+                try:
+                    event = await self.escalator.result(key, sink.identity)
+                except Exception as exc:
+                    log.exception("result %s", key)
+                    event = protocol.error_event(key, protocol.INTERNAL, str(exc))
+        finally:
+            self._results_pending[sink.scope] -= 1
+            if self._results_pending[sink.scope] <= 0:
+                del self._results_pending[sink.scope]
         if not sink.closed:
             sink.send(event)
 

@@ -35,7 +35,7 @@ from edgeagent.mqtt_client import (
     read_secret,
 )
 from edgeagent.policy import Rules
-from edgeagent.spool import Entry, EscalationSpool
+from edgeagent.spool import Entry, EscalationSpool, QuotaExceeded
 from edgeagent.topics import CloudTopics
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class CloudLink:
         self._client = new_client(
             self.client_id,
             username=c.username,
-            password=read_secret(c.password_file, CLOUD_PASSWORD_CREDENTIAL)
+            password=read_secret(c.password_file, CLOUD_PASSWORD_CREDENTIAL, "cloud.password_file")
             if c.username
             else None,
             tls=c.tls,
@@ -218,6 +218,32 @@ class CloudLink:
                 self.on_change(self.up)
 
 
+def _answer_fits(event: dict[str, Any], limit: int) -> bool:
+    """A cloud `done` carries its answer as a string of at most `limit` UTF-8 bytes."""
+    text = event.get("text", "")
+    return isinstance(text, str) and len(text.encode(errors="replace")) <= limit
+
+
+def _cloud_fields(event: dict[str, Any]) -> dict[str, Any]:
+    """What of a cloud worker's final event is kept and passed on, each field of its type and
+    within a bound: a worker is another machine, and its answer goes into the spool and to
+    requesters."""
+    out: dict[str, Any] = {}
+    for key, bound in (("text", None), ("model", 200), ("finish_reason", 32), ("code", 32),
+                       ("message", 1000)):  # fmt: skip
+        value = event.get(key)
+        if isinstance(value, str):
+            out[key] = value if bound is None else value[:bound]
+    usage = event.get("usage")
+    if isinstance(usage, dict):
+        out["usage"] = {
+            str(k)[:40]: v
+            for k, v in list(usage.items())[:16]
+            if isinstance(v, int) and not isinstance(v, bool)
+        }
+    return out
+
+
 def default_spool_path() -> Path:
     import os  # noqa: PLC0415
 
@@ -265,6 +291,8 @@ class Escalator:
         self.spool = EscalationSpool(
             Path(e.spool_path) if e.spool_path else default_spool_path(),
             max_waiting=e.spool_max, max_age_s=e.spool_max_age_s, result_ttl_s=e.result_ttl_s,
+            max_bytes=e.spool_mb << 20, client_max=e.client_spool_max,
+            client_bytes=e.client_spool_mb << 20,
         )  # fmt: skip
         # One thread owns the sqlite connection: fsyncs never block the event loop.
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-spool")
@@ -274,6 +302,7 @@ class Escalator:
         self.spool_counts: dict[str, int] = {}
         # sent on the current link, not answered yet: id -> when it was (last) sent
         self._inflight: dict[str, float] = {}
+        self._streamed: dict[str, int] = {}  # bytes of cloud tokens taken per escalation
         self._waiters: dict[str, CloudWaiter] = {}
         self._terminals: dict[str, ReplySink] = {}  # open connections waiting for a follow-up
         self._pumping = False
@@ -319,16 +348,21 @@ class Escalator:
         reason: dict[str, Any],
         payload: dict[str, Any],
         reply_address: Optional[tuple[str, Optional[bytes]]],
+        client: str,
     ) -> Entry:
         """Store an escalation durably (or find it, when it was stored before) and return it.
 
-        Raises SpoolError when the spool cannot take it (disk full, I/O error).
+        Raises QuotaExceeded when `client` has its share of the spool waiting, SpoolError when
+        the spool cannot take it (disk full, I/O error).
         """
         topic, correlation = reply_address or (None, None)
         try:
             entry, created, dropped = await self._db(
-                self.spool.add, esc_id, request_id, reason, payload, topic, correlation
+                self.spool.add, esc_id, request_id, reason, payload, topic, correlation, client
             )
+        except QuotaExceeded:
+            self.counters["refused_quota"] += 1
+            raise
         except sqlite3.Error as exc:
             self.counters["spool_errors"] += 1
             raise SpoolError(
@@ -354,6 +388,7 @@ class Escalator:
     def detach(self, esc_id: str, sink: ReplySink) -> None:
         """The request stops waiting (it was answered locally): the answer becomes a follow-up."""
         self._waiters.pop(esc_id, None)
+        self._streamed.pop(esc_id, None)
         self.watch(esc_id, sink)
 
     def watch(self, esc_id: str, sink: ReplySink) -> None:
@@ -363,12 +398,16 @@ class Escalator:
 
     def cancel(self, esc_id: str) -> None:
         self._waiters.pop(esc_id, None)
+        self._streamed.pop(esc_id, None)
         self._terminals.pop(esc_id, None)
         self._spawn(self._db(self.spool.finish, esc_id, sp.CANCELLED))
 
-    async def result(self, key: str) -> dict[str, Any]:
-        """`{"op": "result"}`: an escalation's state and answer, by escalation or request id."""
-        entry = await self._db(self.spool.find, key)
+    async def result(self, key: str, client: str) -> dict[str, Any]:
+        """`{"op": "result"}`: one of `client`'s escalations, by escalation or request id.
+
+        Another client's escalation is `unknown`, exactly like one that never existed.
+        """
+        entry = await self._db(self.spool.find, key, client)
         if entry is None:
             return {"event": "result", "id": key, "status": "unknown"}
         event = followup_event(entry)
@@ -441,21 +480,36 @@ class Escalator:
         kind = event.get("event")
         if kind in ("start", "token") and esc_id in self._inflight:
             self._inflight[esc_id] = time.monotonic()  # being answered: not one to ask again
+        limit = self.cfg.escalation.max_answer_bytes
         if kind == "start":
+            self._streamed.pop(esc_id, None)
             waiter = self._waiters.get(esc_id)
             if waiter is not None:
                 waiter.on_start()
         elif kind == "token":
+            text = event.get("text")
             waiter = self._waiters.get(esc_id)
-            if waiter is not None and isinstance(event.get("text"), str):
-                waiter.on_token(event["text"])
+            if waiter is None or not isinstance(text, str):
+                return
+            taken = self._streamed.get(esc_id, 0) + len(text.encode(errors="replace"))
+            # Past the bound nothing more is passed on (the `done` is refused too, below, and
+            # the local answer voids what was streamed).
+            self._streamed[esc_id] = taken
+            if taken <= limit:
+                waiter.on_token(text)
         elif kind in ("done", "error"):
+            self._streamed.pop(esc_id, None)
+            if kind == "done" and not _answer_fits(event, limit):
+                self.counters["answers_refused"] += 1
+                log.warning("escalation %s: the cloud's answer is not text of at most %d bytes; "
+                            "refused", esc_id, limit)  # fmt: skip
+                message = f"the cloud's answer was not text of at most {limit} bytes"
+                event = protocol.error_event(None, protocol.CLOUD_ERROR, message)
             self._spawn(self._finished(esc_id, event))
 
     async def _finished(self, esc_id: str, event: dict[str, Any]) -> None:
         state = sp.ANSWERED if event["event"] == "done" else sp.FAILED
-        keep = ("text", "model", "finish_reason", "usage", "code", "message")
-        answer = {k: event[k] for k in keep if k in event}
+        answer = _cloud_fields(event)
         changed = await self._db(self.spool.finish, esc_id, state, answer)
         self._inflight.pop(esc_id, None)
         self.pump()
@@ -467,7 +521,7 @@ class Escalator:
         waiter = self._waiters.pop(esc_id, None)
         if waiter is not None:
             self._terminals.pop(esc_id, None)
-            waiter.on_final(event)
+            waiter.on_final({"event": event["event"], **answer})
             await self._db(self.spool.mark_delivered, esc_id)
             return
         entry = await self._db(self.spool.get, esc_id)

@@ -310,9 +310,8 @@ def test_spool_disk_full(
             with connect(d.socket_path) as c:
 
                 def ask(rid: str, size: int = 0) -> dict[str, Any]:
-                    c.send(
-                        {"id": rid, "prompt": f"Question {rid}? " + "x" * size, "escalate": True}
-                    )
+                    c.send({"id": rid, "prompt": f"Question {rid}? " + "x" * size,
+                            "escalate": True, "max_tokens": 8})  # fmt: skip
                     return c.until_final(rid)[-1]
 
                 before = [ask(f"a{i}") for i in range(3)]
@@ -320,7 +319,7 @@ def test_spool_disk_full(
                 during = {}
                 for i in range(20):  # until the spool's free pages run out
                     during[f"f{i}"] = ask(f"f{i}", 2000)
-                    if during[f"f{i}"]["event"] == "error":
+                    if during[f"f{i}"]["escalation"]["status"] == "error":
                         break
                 alive = c.op("status")
                 filler.unlink()
@@ -329,16 +328,18 @@ def test_spool_disk_full(
         finally:
             d.stop()
         verdict, rows = integrity(spool)
-    refused = {rid: e for rid, e in during.items() if e["event"] == "error"}
-    taken = [rid for rid, e in during.items() if e["event"] == "done"]
+    refused = {rid: e for rid, e in during.items() if e["escalation"]["status"] == "error"}
+    taken = [rid for rid in during if rid not in refused]
     for event in before + after + [during[rid] for rid in taken]:
         assert event["event"] == "done" and event["escalation"]["status"] == "queued", event
     assert refused, during  # the disk did fill up
     for rid, event in refused.items():
-        assert event["id"] == rid, event
+        # Not stored, so not sent: the local model answers, and says why.
+        assert event["event"] == "done" and event["id"] == rid, event
+        assert event["source"] == "local" and event["text"], event
         assert (
             f"the escalation spool {spool} could not store the question: database or disk is full"
-        ) in event["message"], event
+        ) in event["escalation"]["message"], event
     assert alive["state"] == "ready"
     assert verdict == "ok"
     expected = [f"a{i}" for i in range(3)] + taken + [f"b{i}" for i in range(2)]
@@ -356,10 +357,12 @@ def test_spool_disk_full(
         lost=0,
         duplicated=0,
         figures={
-            "refused_with_error": len(refused),
+            "answered_locally_not_stored": len(refused),
             "stored_before_full": len(taken) + 3,
-            "error_code": next(iter(refused.values()))["code"],
-            "error_message": next(iter(refused.values()))["message"].replace(str(spool), "<spool>"),
+            "escalation_status": next(iter(refused.values()))["escalation"]["status"],
+            "escalation_message": next(iter(refused.values()))["escalation"]["message"].replace(
+                str(spool), "<spool>"
+            ),
             "spool_integrity_check": verdict,
         },
     )

@@ -120,7 +120,7 @@ def test_start_up_fault_exits_non_zero_with_a_clear_message(
         config = socket_config(sock, f'[escalation]\nenabled = true\nspool_path = "{spool}"\n'
                                '[cloud]\nenabled = true\nport = 9\n')  # fmt: skip
         code = edgeagent_daemon.EXIT_SPOOL
-        expect = [f"cannot open the escalation spool {spool}: unable to open database file"]
+        expect = [f"cannot open the escalation spool {spool}: Read-only file system"]
     with read_only_at(ro, case):
         res = run_daemon(tmp_path, config, env)
     out = res.stdout + res.stderr
