@@ -28,6 +28,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_cloud_worker(args: argparse.Namespace) -> int:
     from edgeagent import daemon  # noqa: PLC0415
     from edgeagent.cloud_worker import CloudWorker  # noqa: PLC0415
+    from edgeagent.mqtt_client import SecretError  # noqa: PLC0415
 
     try:
         cfg = config.load(args.config)
@@ -36,7 +37,12 @@ def _cmd_cloud_worker(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return daemon.EXIT_CONFIG
     daemon.setup_logging(cfg.log.level)
-    return CloudWorker(cfg).run()
+    try:
+        worker = CloudWorker(cfg)
+    except SecretError as exc:
+        print(f"{cfg.source}: {exc}", file=sys.stderr)
+        return daemon.EXIT_CONFIG
+    return worker.run()
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
