@@ -14,6 +14,7 @@ import collections
 import hashlib
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Hashable
@@ -24,7 +25,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent import protocol
-from edgeagent.config import Config
+from edgeagent.config import Config, MqttConfig
 from edgeagent.dispatcher import FINAL_EVENTS, Dispatcher
 from edgeagent.engine import Event
 from edgeagent.mqtt_client import (
@@ -34,11 +35,19 @@ from edgeagent.mqtt_client import (
     publish_properties,
     read_secret,
 )
-from edgeagent.topics import Topics, valid_reply_topic
+from edgeagent.topics import Topics, reply_topic_problem
 
 log = logging.getLogger("edgeagent.mqtt")
 
 RECENT_REQUESTS = 10_000  # remembered to answer a redelivered request once
+# A remembered request's RAM besides its key's parts: the key tuple, its _Delivery and its slot
+# in the ordered map (about 250 bytes measured with tracemalloc on CPython 3.11).
+RECENT_ENTRY_OVERHEAD = 256
+# Room in a request's PUBLISH for the v5 properties edgeagent does not read (User Property,
+# Content Type, Message Expiry, Subscription Identifier, ...).
+UNREAD_PROPERTIES_BYTES = 4096
+MAX_CORRELATION_BYTES = 65535  # MQTT's limit on Correlation Data
+MQTT_MAX_PACKET = 1 + 4 + 268_435_455  # the largest packet MQTT can frame
 PASSWORD_CREDENTIAL = "mqtt-password"  # noqa: S105 (a file name, not a secret)
 
 
@@ -49,6 +58,30 @@ def packet_size(topic: str, payload: bytes, qos: int, props: Optional[Properties
         remaining += len(props.pack()) if props is not None else 1
     length_bytes = 1 + (remaining >= 128) + (remaining >= 16_384) + (remaining >= 2_097_152)
     return 1 + length_bytes + remaining
+
+
+def largest_request_packet(m: MqttConfig, topics: list[str]) -> int:
+    """The Maximum Packet Size asked of a v5 broker: the largest PUBLISH that a request we read
+    may arrive in, so that the broker drops anything larger instead of paho reading it whole
+    before we refuse it. A request within our limits always fits: a payload of
+    `max_payload_bytes` on the longest of `topics`, a Response Topic we would accept, the
+    largest Correlation Data (echoed back, so a client may use all of it) and room for the
+    properties we do not read. A Response Topic over our limit could only have been refused."""
+    remaining = (
+        2 + max(len(t.encode()) for t in topics) + 2  # topic name, packet id
+        + 4  # properties length
+        + 3 + m.max_reply_topic_bytes  # Response Topic
+        + 3 + MAX_CORRELATION_BYTES  # Correlation Data
+        + UNREAD_PROPERTIES_BYTES
+        + m.max_payload_bytes
+    )  # fmt: skip
+    return min(1 + 4 + remaining, MQTT_MAX_PACKET)
+
+
+def recent_entry_bytes(key: tuple[Any, ...]) -> int:
+    """RAM a remembered request holds: its key's parts (reply topic, Correlation Data, id or
+    payload hash) and the entry around them."""
+    return RECENT_ENTRY_OVERHEAD + sum(sys.getsizeof(part) for part in key)
 
 
 class _Delivery:
@@ -80,6 +113,12 @@ class MqttReplySink:
 
     @property
     def peer(self) -> str:
+        return f"mqtt:{self.topic}"
+
+    @property
+    def identity(self) -> str:
+        # The reply topic is who the requester is: an ACL that lets each client read only its
+        # own reply topics is what makes this an identity (docs/deploy.md).
         return f"mqtt:{self.topic}"
 
     @property
@@ -163,6 +202,11 @@ class MqttLink:
         self._recent: collections.OrderedDict[tuple[Any, ...], _Delivery] = (
             collections.OrderedDict()
         )
+        self._recent_bytes = 0  # bounded by redelivery_mb as _recent is by RECENT_REQUESTS
+        # v3.1.1 has no way to tell the broker our limit: there the broker's own (mosquitto's
+        # `max_packet_size`) is what keeps a huge message from being read whole.
+        request_topics = [self.topics.ask, self.topics.ask_deep, self.topics.group_ask]
+        self.max_packet_size_asked = largest_request_packet(m, request_topics) if self.v5 else None
         self._ack_on_puback: dict[int, _Delivery] = {}
         self._final_topics: dict[int, str] = {}  # QoS 1 finals awaiting PUBACK, for logs
         self._on_puback: dict[int, Callable[[], None]] = {}
@@ -181,7 +225,9 @@ class MqttLink:
             v5=self.v5,
             manual_ack=True,
             username=m.username,
-            password=read_secret(m.password_file, PASSWORD_CREDENTIAL) if m.username else None,
+            password=read_secret(m.password_file, PASSWORD_CREDENTIAL, "mqtt.password_file")
+            if m.username
+            else None,
             tls=m.tls,
             reconnect=(m.reconnect_min_s, m.reconnect_max_s),
             logger=logging.getLogger("edgeagent.mqtt.paho"),
@@ -198,7 +244,11 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background: a broker that is down delays nothing, we keep trying."""
         m = self.cfg.mqtt
-        props = connect_properties(m.session_expiry_s) if self.v5 else None
+        props = None
+        if self.v5:
+            props = connect_properties(
+                m.session_expiry_s, max_packet_size=self.max_packet_size_asked or 0
+            )
         self._client.connect_async(
             m.host, m.port, m.keepalive,
             clean_start=False if self.v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
@@ -232,6 +282,9 @@ class MqttLink:
             "subscriptions": self.topics.subscriptions(self.deep),
             "refused_subscriptions": self.refused_subscriptions,
             "connect_error": self._connect_error or None,
+            "max_packet_size_asked": self.max_packet_size_asked,
+            "redelivery_entries": len(self._recent),
+            "redelivery_bytes": self._recent_bytes,
             **dict(self.counters),
         }
 
@@ -359,7 +412,16 @@ class MqttLink:
 
     def publish_reply(self, topic: str, event: Event, correlation: Optional[bytes],
                       qos: int) -> Optional[int]:  # fmt: skip
-        """Publish one event; its message id, or None when it is too large for the broker."""
+        """Publish one event; its message id, or None when it is too large for the broker or
+        its topic one a broker refuses."""
+        problem = reply_topic_problem(topic)
+        if problem is not None:
+            # Requests are checked on the way in; this is for any other way a topic gets here
+            # (a spooled escalation's): a publish the broker refuses costs the connection, and
+            # paho would send it again after every reconnect.
+            self.counters["replies_bad_topic"] += 1
+            log.error("not publishing the %s event: its reply topic %s", event["event"], problem)
+            return None
         props = publish_properties(correlation) if self.v5 else None
         payload = protocol.encode(event)[:-1]
         limit = self.max_packet_size
@@ -387,15 +449,41 @@ class MqttLink:
 
     def _inbound(self, topic: str, payload: bytes, response_topic: Optional[str],
                  correlation: Optional[bytes], mid: int, qos: int, dup: bool) -> None:  # fmt: skip
+        """One message from the broker. A failure nobody foresaw stays with that message: it
+        is logged and counted, and the message acknowledged, so the broker does not deliver it
+        again after every reconnect."""
         self.counters["received"] += 1
         delivery = _Delivery(mid, qos, self._generation)
         if not self.accepting:
             return  # unacknowledged: the broker keeps it for our next start
-        reply_topic = response_topic if valid_reply_topic(response_topic) else None
+        try:
+            self._read_request(topic, payload, response_topic, correlation, delivery, dup)
+        except Exception:
+            self.counters["inbound_errors"] += 1
+            log.exception("unexpected failure reading a message on %s; dropped", topic)
+            self._ack(delivery)
+
+    def _read_request(self, topic: str, payload: bytes, response_topic: Optional[str],
+                      correlation: Optional[bytes], delivery: _Delivery,
+                      dup: bool) -> None:  # fmt: skip
+        max_topic = self.cfg.mqtt.max_reply_topic_bytes
+        # The Response Topic wins over `reply_to` (docs/mqtt.md). A request naming a reply topic
+        # we may not publish to is refused on its other one when that is valid, else dropped.
+        rt_problem = None
+        if response_topic is not None:
+            rt_problem = reply_topic_problem(response_topic, max_topic)
+            if rt_problem is not None:
+                rt_problem = f"the Response Topic {rt_problem}"
+                self.counters["bad_reply_topic"] += 1
+        reply_topic = response_topic if rt_problem is None else None
 
         def reject(rid: Optional[str], message: str) -> None:
             if reply_topic is None:
-                log.warning("dropping a request on %s with no way to reply: %s", topic, message)
+                # One line per message, never quoting the client's topic or payload.
+                log.warning(
+                    "dropping a request on %s with no way to reply: %s", topic,
+                    rt_problem or message,
+                )  # fmt: skip
                 self.counters["dropped"] += 1
                 self._ack(delivery)
                 return
@@ -418,10 +506,17 @@ class MqttLink:
             return
         if isinstance(obj, dict) and "reply_to" in obj:
             reply_to = obj.pop("reply_to")
-            if not valid_reply_topic(reply_to):
-                reject(protocol.request_id_of(obj), "`reply_to` must be a topic without wildcards")
+            problem = reply_topic_problem(reply_to, max_topic)
+            if problem is not None:
+                if rt_problem is None:  # counted once per message
+                    self.counters["bad_reply_topic"] += 1
+                reject(protocol.request_id_of(obj), f"`reply_to` {problem}")
                 return
             reply_topic = reply_topic or reply_to
+        if rt_problem is not None:
+            rid = protocol.request_id_of(obj) if isinstance(obj, dict) else None
+            reject(rid, rt_problem)
+            return
         if reply_topic is None:
             reject(None, "no Response Topic property and no `reply_to` field")
             return
@@ -450,9 +545,15 @@ class MqttLink:
             what = "a refused message" if key[0] == "refused" else f"request {key[-1]}"
             log.info("%s to %s delivered again; answering it once", what, key[-3])
             return True
+        if known is None:
+            self._recent_bytes += recent_entry_bytes(key)
         self._recent[key] = delivery
-        while len(self._recent) > RECENT_REQUESTS:
-            self._recent.popitem(last=False)
+        # Bounded in bytes too: a key holds up to 64 KiB of Correlation Data.
+        limit = self.cfg.mqtt.redelivery_mb << 20
+        while len(self._recent) > RECENT_REQUESTS or self._recent_bytes > limit:
+            old, _ = self._recent.popitem(last=False)
+            self._recent_bytes -= recent_entry_bytes(old)
+            self.counters["redelivery_evicted"] += 1
         return False
 
     async def _publish_metrics(self) -> None:

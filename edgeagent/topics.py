@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,43 @@ class CloudTopics:
         return f"{self.prefix}/worker/+/status"
 
 
-def valid_reply_topic(topic: object) -> bool:
-    """A topic a reply may be published to: non-empty, no wildcards, within MQTT's limit."""
-    return (
-        isinstance(topic, str)
-        and 0 < len(topic.encode()) <= 65535
-        and "+" not in topic
-        and "#" not in topic
-        and "\0" not in topic
-    )
+MAX_TOPIC_BYTES = 65535  # MQTT's own limit on a topic name
+# What a reply topic may not hold besides wildcards: the C0 controls (NUL included), DEL, the C1
+# controls and the 66 noncharacters. MQTT forbids NUL and says SHOULD NOT for the rest; mosquitto
+# refuses every one of them (mosquitto_validate_utf8) by disconnecting the client that publishes
+# there, and paho sends that publish again after each reconnect, so one hostile reply topic would
+# keep the link down. Refusing what the strictest broker refuses keeps any broker's link up.
+_NONCHARACTERS = "".join(f"\\U{plane:04x}fffe\\U{plane:04x}ffff" for plane in range(17))
+_FORBIDDEN = re.compile(rf"[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef{_NONCHARACTERS}+#]")
+
+
+def reply_topic_problem(topic: object, max_bytes: int = MAX_TOPIC_BYTES) -> Optional[str]:
+    """Why `topic` may not be published to, or None when it may: a non-empty str of valid
+    UTF-8 within `max_bytes`, not under `$` (the broker's own topics), no wildcard, no control
+    character or noncharacter. The reason never quotes the topic, so it is safe to log and to
+    send back whatever the client wrote."""
+    if not isinstance(topic, str):
+        return f"is not a string but {type(topic).__name__}"
+    if len(topic) > max_bytes:  # a character is at least one byte: too long without encoding
+        return f"is longer than {max_bytes} bytes"
+    try:
+        size = len(topic.encode())
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (it holds a lone surrogate)"
+    if size == 0:
+        return "is empty"
+    if size > max_bytes:
+        return f"is longer than {max_bytes} bytes"
+    if topic.startswith("$"):
+        return "starts with `$` (topics the broker keeps for itself)"
+    found = _FORBIDDEN.search(topic)
+    if found is None:
+        return None
+    if found.group() in "+#":
+        return "holds a wildcard (`+` or `#`)"
+    return f"holds U+{ord(found.group()):04X} (a control character or noncharacter)"
+
+
+def valid_reply_topic(topic: object, max_bytes: int = MAX_TOPIC_BYTES) -> bool:
+    """A topic a reply may be published to (see `reply_topic_problem`)."""
+    return reply_topic_problem(topic, max_bytes) is None
