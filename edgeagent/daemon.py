@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
 from edgeagent.escalation import Escalator, default_spool_path
+from edgeagent.mqtt_client import SecretError
 from edgeagent.mqtt_link import MqttLink
 from edgeagent.socket_server import SocketError, SocketServer
 from edgeagent.systemd import Notifier, inherited_unix_socket, watchdog_interval
@@ -30,6 +32,7 @@ EXIT_LISTEN = 4
 EXIT_SPOOL = 5
 STATUS_INTERVAL_S = 5.0
 ENGINE_JOIN_S = 2.0  # at exit, for the inference thread to leave its last llama.cpp call
+THREAD_AFFINITY_TTL_S = 1.0  # how old the threads' affinities in `status` may be
 
 # Keys SIGHUP may change in a running daemon; anything else needs a restart.
 RELOADABLE = {
@@ -37,7 +40,8 @@ RELOADABLE = {
     "model.max_tokens", "model.temperature", "model.system_prompt",
     "engine.queue_size", "engine.request_timeout_s", "engine.stall_timeout_s",
     "engine.drain_timeout_s",
-    "socket.max_line_bytes", "socket.max_inflight_per_conn",
+    "socket.max_line_bytes", "socket.max_inflight_per_conn", "socket.max_connections",
+    "socket.idle_timeout_s", "socket.max_unsent_bytes",
     "mqtt.token_interval_ms", "mqtt.token_batch", "mqtt.metrics_interval_s",
     "mqtt.max_payload_bytes", "mqtt.max_inflight_per_client",
 }  # fmt: skip
@@ -87,19 +91,31 @@ def describe(engine: Engine) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _thread_affinity(period: int) -> tuple[tuple[int, str, str], ...]:
+    """(tid, name, cores) of every thread from /proc, read again only when `period` (which
+    THREAD_AFFINITY_TTL_S-long stretch of the monotonic clock the caller is in) moves on."""
+    return tuple(
+        (tid, name, cpu.format_cpulist(cores)) for tid, name, cores in cpu.thread_affinities()
+    )
+
+
 def cpu_status(engine: Engine) -> dict[str, Any]:
     """The chosen placement and every thread's real affinity, read back from /proc."""
     p = engine.placement
     if p is None:
         return {}
+    # `status` runs on the event loop and a terminal may ask for it many times a second: one
+    # read of /proc per thread per THREAD_AFFINITY_TTL_S serves them all.
+    period = int(time.monotonic() // THREAD_AFFINITY_TTL_S)
     return {
         "inference_cores": cpu.format_cpulist(p.inference),
         "io_cores": cpu.format_cpulist(p.io),
         "threads": p.threads,
         "reason": p.reason,
         "thread_affinity": [
-            {"tid": tid, "name": name, "cores": cpu.format_cpulist(cores)}
-            for tid, name, cores in cpu.thread_affinities()
+            {"tid": tid, "name": name, "cores": cores}
+            for tid, name, cores in _thread_affinity(period)
         ],
     }
 
@@ -180,20 +196,40 @@ async def serve(cfg: Config, started: float) -> int:
 
     dispatcher = Dispatcher(cfg, engine, loop)
     dispatcher.status_sections["cpu"] = lambda: cpu_status(engine)
+
+    def secret_refused(exc: SecretError) -> int:
+        log.error("%s: %s", cfg.source, exc)
+        engine.stop()
+        return EXIT_CONFIG
+
+    # Both links read their broker's password as they are made, so they are made before
+    # anything listens: a secret that cannot be read (a credential the service's user may not
+    # open) ends the start with its problem line and exit 2, which systemd does not restart.
+    link: Optional[MqttLink] = None
+    if cfg.mqtt.enabled:
+        try:
+            link = MqttLink(cfg, dispatcher, loop, lambda: describe(engine))
+        except SecretError as exc:
+            return secret_refused(exc)
+        dispatcher.status_sections["mqtt"] = link.status
     escalator: Optional[Escalator] = None
     if cfg.escalation.enabled:
         try:
             escalator = Escalator(cfg, loop)
             await escalator.start()
+        except SecretError as exc:
+            return secret_refused(exc)
         except (OSError, sqlite3.Error) as exc:
             where = cfg.escalation.spool_path or default_spool_path()
-            log.error("cannot open the escalation spool %s: %s", where, exc)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.error("cannot open the escalation spool %s: %s", where, why)
             engine.stop()
             return EXIT_SPOOL
         dispatcher.escalator = escalator
         dispatcher.status_sections["escalation"] = escalator.status
 
     server = SocketServer(cfg.socket, dispatcher)
+    dispatcher.status_sections["socket"] = server.status
     try:
         await server.start(inherited_unix_socket())
     except SocketError as exc:
@@ -201,10 +237,7 @@ async def serve(cfg: Config, started: float) -> int:
         engine.stop()
         return EXIT_LISTEN
 
-    link: Optional[MqttLink] = None
-    if cfg.mqtt.enabled:
-        link = MqttLink(cfg, dispatcher, loop, lambda: describe(engine))
-        dispatcher.status_sections["mqtt"] = link.status
+    if link is not None:
         link.start()
     if escalator is not None:
         escalator.followups = link
@@ -223,20 +256,32 @@ async def serve(cfg: Config, started: float) -> int:
             link.cfg = new
         logging.getLogger().setLevel(new.log.level.upper())
 
-    def on_hup() -> None:
-        notifier.reloading()
+    def reload() -> None:
+        old = cfg
         try:
             new, restart = reload_config(cfg, None if cfg.source.startswith("<") else cfg.source)
         except config.ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused: %s", problem)
-            notifier.ready(one_line_status(dispatcher, link))
             return
-        apply(new)
+        try:
+            apply(new)
+        except Exception:
+            apply(old)  # what was set before the failure goes back
+            raise
         log.info("config reloaded from %s", cfg.source)
         for key in restart:
             log.warning("reload: %s changed; it takes effect after a restart", key)
-        notifier.ready(one_line_status(dispatcher, link))
+
+    def on_hup() -> None:
+        notifier.reloading()
+        try:
+            reload()
+        except Exception:
+            log.exception("reload failed; the running config stays as it was")
+        finally:
+            # systemd keeps the unit "reloading" until READY=1, whatever went wrong.
+            notifier.ready(one_line_status(dispatcher, link))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     ready_s = time.monotonic() - started
