@@ -8,9 +8,13 @@ rejected-when-unknown in the same way as every other.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+import os
 import re
 import socket
+import ssl
+import stat
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +25,10 @@ from edgeagent._toml import tomllib
 
 DEFAULT_CONFIG_RESOURCE = "default.toml"
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CORE_LIMIT = 4096  # core numbers in [cpu] go from 0 to CORE_LIMIT - 1
+# C0, DEL and C1: MQTT forbids U+0000 in topics and client ids and advises against the others
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+SECRET_MAX_BYTES = 64 << 10  # MQTT caps a password at 65535 bytes; an API key is far shorter
 
 
 def _f(default: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
@@ -45,6 +53,9 @@ class EngineConfig:
     queue_size: int = _f(16, lo=1, hi=10000, doc="waiting requests; more get `busy`")
     request_timeout_s: float = _f(120.0, lo=0.1, hi=86400.0)
     max_sessions: int = _f(64, lo=0, hi=100000)
+    max_sessions_per_client: int = _f(
+        16, lo=1, hi=100000, doc="conversations one client keeps; its oldest goes first"
+    )
     session_max_turns: int = _f(32, lo=1, hi=10000)
     session_idle_s: float = _f(3600.0, lo=1.0, hi=30 * 86400.0)
     session_cache_mb: int = _f(256, lo=0, hi=65536, doc="RAM for saved session KV states")
@@ -76,6 +87,11 @@ class EngineConfig:
     prompt_cache_mb: int = _f(
         32, lo=0, hi=65536, doc="RAM for earlier prompts' cells no slot holds any more; 0: off"
     )
+    share_prompt_cache: bool = _f(
+        False,
+        doc="reuse one client's prompt cells for another beyond the system prompt (faster, but "
+        "usage.cached_tokens then tells a client what others asked recently)",
+    )
 
 
 Cores = Union[str, tuple[int, ...]]
@@ -101,6 +117,20 @@ class SocketConfig:
     max_line_bytes: int = _f(1 << 20, lo=1024, hi=64 << 20)
     max_inflight_per_conn: int = _f(32, lo=1, hi=10000)
     priority: int = _f(1, lo=-100, hi=100, doc="for requests that set none; higher goes first")
+    group: str = _f(
+        "", doc="group given the socket file (when not socket-activated); empty: the daemon's"
+    )
+    max_connections: int = _f(
+        64, lo=1, hi=100000, doc="terminals connected at once; more are refused with busy"
+    )
+    idle_timeout_s: float = _f(
+        900.0, lo=0.0, hi=30 * 86400.0,
+        doc="close a connection with nothing in flight that sent nothing this long; 0: never",
+    )  # fmt: skip
+    max_unsent_bytes: int = _f(
+        1 << 20, lo=64 << 10, hi=1 << 30,
+        doc="replies a terminal has not read yet; past this it is cut off",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -138,7 +168,16 @@ class MqttConfig:
     token_interval_ms: int = _f(50, lo=0, hi=10000, doc="coalesce token events for this long")
     token_batch: int = _f(16, lo=1, hi=10000, doc="... or until this many tokens are pending")
     metrics_interval_s: float = _f(30.0, lo=1.0, hi=86400.0)
-    max_payload_bytes: int = _f(1 << 20, lo=1024, hi=256 << 20)
+    max_payload_bytes: int = _f(
+        1 << 20, lo=1024, hi=256 << 20,
+        doc="largest request; v5: the Maximum Packet Size asked of the broker follows from it",
+    )  # fmt: skip
+    max_reply_topic_bytes: int = _f(
+        512, lo=16, hi=65535, doc="longest reply topic (Response Topic or reply_to) accepted"
+    )
+    redelivery_mb: int = _f(
+        8, lo=1, hi=4096, doc="RAM for remembering requests, to answer a redelivered one once"
+    )
     max_inflight_per_client: int = _f(32, lo=1, hi=10000, doc="per reply topic")
     priority: int = _f(0, lo=-100, hi=100, doc="for requests that set none; higher goes first")
     reconnect_min_s: int = _f(1, lo=1, hi=3600)
@@ -176,6 +215,14 @@ class EscalationConfig:
         "", doc="escalation spool (sqlite); default $STATE_DIRECTORY or ~/.local/state/edgeagent"
     )
     spool_max: int = _f(10000, lo=1, hi=10_000_000, doc="escalations waiting; oldest dropped")
+    spool_mb: int = _f(256, lo=1, hi=1 << 20, doc="bytes of waiting escalations; oldest dropped")
+    client_spool_max: int = _f(
+        1000, lo=1, hi=10_000_000, doc="escalations one client may have waiting; more: refused"
+    )
+    client_spool_mb: int = _f(16, lo=1, hi=1 << 20, doc="... and their bytes")
+    max_answer_bytes: int = _f(
+        256 << 10, lo=1024, hi=64 << 20, doc="longest cloud answer taken; a longer one is an error"
+    )
     spool_max_age_s: float = _f(7 * 86400.0, lo=1.0, hi=365 * 86400.0)
     result_ttl_s: float = _f(7 * 86400.0, lo=1.0, hi=365 * 86400.0, doc="answers kept for `result`")
     max_inflight: int = _f(4, lo=1, hi=1000, doc="spooled escalations sent to the cloud at once")
@@ -216,6 +263,9 @@ class WorkerConfig:
     max_tokens: int = _f(1024, lo=1, hi=131072)
     temperature: float = _f(0.2, lo=0.0, hi=2.0)
     token_interval_ms: int = _f(50, lo=0, hi=10000, doc="coalesce streamed tokens this long")
+    max_answer_bytes: int = _f(
+        256 << 10, lo=1024, hi=64 << 20, doc="longest answer streamed back; the rest is cut"
+    )
 
 
 @dataclass(frozen=True)
@@ -259,20 +309,36 @@ def _check_cores(value: Any) -> tuple[Any, Optional[str]]:
     if isinstance(value, str):
         if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value):
             return value, f"{expected}, got {value!r}"
-        value = [int(c) for c in _expand_cpulist(value)]
+        cores, problem = _expand_cpulist(value)
+        if problem:
+            return value, problem
+        value = cores
     if not isinstance(value, list) or not value:
         return value, f"{expected}, got {value!r}"
-    if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 4096 for c in value):
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
         return value, f"{expected}, got {value!r}"
+    if not all(0 <= c < CORE_LIMIT for c in value):
+        return value, f"core numbers go from 0 to {CORE_LIMIT - 1}, got {value!r}"
     return tuple(sorted(set(value))), None
 
 
-def _expand_cpulist(text: str) -> list[int]:
+def _expand_cpulist(text: str) -> tuple[list[int], Optional[str]]:
+    """The cores of a well-formed cpulist like "0-3,6", or why they are out of range.
+
+    Each piece is range-checked before it is expanded: a typo like "0-20000000" must be a
+    problem line, not a list of twenty million (nor a 5,000-digit number for int()).
+    """
     out: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
+        first, _, last = part.partition("-")
+        first, last = (n.lstrip("0") or "0" for n in (first, last or first))
+        # Lengths first: int() is only given numbers of a few digits.
+        if len(last) > len(str(CORE_LIMIT)) or int(last) >= CORE_LIMIT:
+            return [], f"core numbers go from 0 to {CORE_LIMIT - 1}, got {part!r}"
+        if len(first) > len(last) or int(first) > int(last):
+            return [], f"a range goes from the lower core to the higher, got {part!r}"
+        out.extend(range(int(first), int(last) + 1))
+    return out, None
 
 
 def _check_strings(value: Any, kind: str) -> tuple[Any, Optional[str]]:
@@ -301,11 +367,39 @@ def _check_redactions(value: Any) -> tuple[Any, Optional[str]]:
         ):
             return value, f"{expected}, got {pair!r}"
         try:
-            re.compile(pair[0])
+            pattern = re.compile(pair[0])
         except re.error as exc:
             return value, f"{pair[0]!r} is not a valid regular expression: {exc}"
+        problem = _placeholder_problem(pattern, pair[1])
+        if problem:
+            return value, f"{pair!r}: {problem}"
         out.append((pair[0], pair[1]))
     return tuple(out), None
+
+
+def _placeholder_problem(pattern: re.Pattern[str], placeholder: str) -> Optional[str]:
+    """Why `placeholder` cannot replace what `pattern` matches in policy.redact, or None.
+
+    A group reference (\\g<0>, \\1, \\g<name>, \\g<+0>...) would copy the very text the rule
+    removes into what leaves the box; a bad escape (\\q, \\g<9> with no group 9) would only
+    show when a prompt matches, as an `internal` error for that escalation. A literal
+    backslash is written \\\\.
+    """
+    # A stand-in with the same group numbers and names parses the template exactly as
+    # `pattern` will, and always matches: expanded once with every group "a" and once with
+    # every group "b", a placeholder that copies any matched text comes out different.
+    names = {index: name for name, index in pattern.groupindex.items()}
+    groups = "".join(
+        f"(?P<{names[i]}>.)" if i in names else "(.)" for i in range(1, pattern.groups + 1)
+    )
+    stand_in = re.compile(f"{groups}.", re.DOTALL)
+    try:
+        expanded = {stand_in.sub(placeholder, c * (pattern.groups + 1)) for c in "ab"}
+    except (re.error, IndexError) as exc:  # IndexError: an unknown group name (Python 3.11)
+        return f"invalid placeholder: {exc}"
+    if len(expanded) > 1:
+        return "the placeholder refers to a group of the match: it would put back what it redacts"
+    return None
 
 
 def _check_value(key: str, value: Any, tp: Any, meta: Any) -> tuple[Any, Optional[str]]:
@@ -368,6 +462,73 @@ def _build(cls: Any, raw: dict[str, Any], prefix: str, problems: list[str], src:
     return cls(**values)
 
 
+def read_secret_file(path: str) -> str:
+    """The UTF-8 text of the small regular file at `path` (a password), without its final line
+    break. Raises OSError whose `strerror` is the whole reason, for a `file: key: reason` line.
+
+    It must be a regular file, opened non-blocking: a FIFO or a device named by mistake must
+    not hang the start, nor /dev/zero fill the memory.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+            if not stat.S_ISREG(mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(SECRET_MAX_BYTES + 1)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > SECRET_MAX_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {SECRET_MAX_BYTES >> 10} KiB: not a secret")
+    try:
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise OSError(errno.EILSEQ, f"not valid UTF-8: {exc.reason}") from None
+
+
+def _no_passphrase() -> str:
+    # paho's tls_set is given no pass phrase, and under systemd OpenSSL has no terminal to ask on.
+    raise ValueError("the key is encrypted, and edgeagent has no pass phrase to give")
+
+
+def _tls_problems(tls: TlsConfig) -> list[tuple[str, str]]:
+    """(key, reason) for each TLS file that paho would fail to load at start, found by loading
+    them as its tls_set does: a bad certificate is a problem line, not a traceback."""
+    out: list[tuple[str, str]] = []
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, key)
+        if not path:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            out.append((key, f"{path}: cannot read: {exc.strerror or exc}"))
+            continue
+        if not stat.S_ISREG(mode):  # a FIFO would hang the load below
+            out.append((key, f"{path}: not a regular file"))
+    if out or not tls.enabled:
+        return out
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_file:
+        try:
+            context.load_verify_locations(tls.ca_file)
+        except OSError as exc:  # ssl.SSLError is one
+            out.append(("ca_file", f"{tls.ca_file}: cannot load: {exc.strerror or exc}"))
+    if tls.cert_file and tls.key_file:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file, password=_no_passphrase)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            what = f"with cert_file {tls.cert_file} as a certificate and its private key"
+            out.append(("key_file", f"{tls.key_file}: cannot load it {what}: {reason}"))
+    return out
+
+
 def _cross_check(cfg: Config, problems: list[str]) -> Config:
     src = cfg.source
     if cfg.model.max_tokens >= cfg.model.n_ctx:
@@ -384,43 +545,57 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(f"{src}: model.sha256: expected 64 lowercase hex digits")
     if cfg.model.sha256 and not cfg.model.path:
         problems.append(f"{src}: model.sha256: only meaningful with model.path")
-    m, c = cfg.mqtt, cfg.cloud
+    m, c, w = cfg.mqtt, cfg.cloud, cfg.worker
+    topic_pieces = {
+        "mqtt.topic_prefix": m.topic_prefix, "cloud.topic_prefix": c.topic_prefix,
+        "mqtt.shared_group": m.shared_group, "worker.shared_group": w.shared_group,
+        "mqtt.client_id": m.client_id, "cloud.client_id": c.client_id,
+    }  # fmt: skip
+    for key, value in topic_pieces.items():
+        if CONTROL_RE.search(value):
+            problems.append(
+                f"{src}: {key}: {value!r} holds a control character, which MQTT topics and "
+                "client ids must not"
+            )
     if m.shared_group and not re.fullmatch(r"[^+#/]+", m.shared_group):
         problems.append(f"{src}: mqtt.shared_group: must not contain '/', '+' or '#'")
     for name, b in (("mqtt", m), ("cloud", c)):  # the two brokers' connection settings
-        if not re.fullmatch(r"[^+#$/][^+#]*", b.topic_prefix) or b.topic_prefix.endswith("/"):
+        # An empty level ('a//b', or a '/' at either end) is legal MQTT, but here it is a typo
+        # that leaves the clients subscribed to the intended prefix hearing nothing.
+        if not re.fullmatch(r"[^+#$][^+#]*", b.topic_prefix) or "" in b.topic_prefix.split("/"):
             problems.append(
                 f"{src}: {name}.topic_prefix: {b.topic_prefix!r} must be a topic without "
-                "wildcards, not starting with '$' or '/', not ending with '/'"
+                "wildcards or empty levels, not starting with '$' or '/', not ending with '/'"
             )
         if b.reconnect_max_s < b.reconnect_min_s:
             problems.append(f"{src}: {name}.reconnect_max_s: below {name}.reconnect_min_s")
         if (b.tls.cert_file == "") != (b.tls.key_file == ""):
             problems.append(f"{src}: {name}.tls: cert_file and key_file go together")
-        for key in ("ca_file", "cert_file", "key_file"):
-            value = getattr(b.tls, key)
-            if b.enabled and value and not Path(value).is_file():
-                problems.append(f"{src}: {name}.tls.{key}: {value} is not a readable file")
-        if b.enabled and b.password_file and not Path(b.password_file).is_file():
-            problems.append(
-                f"{src}: {name}.password_file: {b.password_file} is not a readable file"
-            )
+        if b.enabled:
+            for key, reason in _tls_problems(b.tls):
+                problems.append(f"{src}: {name}.tls.{key}: {reason}")
+        if b.enabled and b.password_file:
+            try:  # read now as at start: as the service's user, every way it can fail
+                read_secret_file(b.password_file)
+            except OSError as exc:
+                problems.append(f"{src}: {name}.password_file: {b.password_file}: {exc.strerror}")
     if cfg.escalation.enabled and not c.enabled:
         problems.append(
             f"{src}: escalation.enabled: needs the cloud broker: set [cloud] enabled = true"
         )
-    if not re.fullmatch(r"[^+#/]+", cfg.worker.shared_group):
+    if not re.fullmatch(r"[^+#/]+", w.shared_group):
         problems.append(f"{src}: worker.shared_group: must be non-empty without '/', '+', '#'")
-    if cfg.worker.worker_id and not NODE_ID_RE.match(cfg.worker.worker_id):
+    # fullmatch: NODE_ID_RE's '$' would also match before a final newline
+    if w.worker_id and not NODE_ID_RE.fullmatch(w.worker_id):
         problems.append(f"{src}: worker.worker_id: 1-64 of letters, digits, '_', '-', '.'")
-    if not re.match(r"https?://", cfg.worker.base_url):
+    if not re.match(r"https?://", w.base_url):
         problems.append(f"{src}: worker.base_url: expected an http:// or https:// URL")
     if not cfg.socket.path:
         problems.append(f"{src}: socket.path: must not be empty")
     elif len(cfg.socket.path.encode()) > 107:
         problems.append(f"{src}: socket.path: longer than the 107 bytes a Unix socket allows")
     node_id = cfg.node_id or socket.gethostname().split(".")[0]
-    if not NODE_ID_RE.match(node_id):
+    if not NODE_ID_RE.fullmatch(node_id):
         problems.append(
             f"{src}: node_id: {node_id!r} must be 1-64 of letters, digits, '_', '-', '.' "
             "(it becomes part of MQTT topics)"
@@ -434,6 +609,8 @@ def parse(text: str, source: str) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: invalid TOML: nested too deeply"]) from None
     problems: list[str] = []
     cfg = _build(Config, raw, "", problems, source)
     cfg = dataclasses.replace(cfg, source=source)

@@ -17,6 +17,7 @@ ETC=/etc/edgeagent
 STATE=/var/lib/edgeagent
 UNIT_DIR=/etc/systemd/system
 SERVICE_USER=edgeagent
+CLIENT_GROUP=edgeagent-clients  # terminals' users: may connect to the socket, nothing else
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 
 say() { printf 'edgeagent install: %s\n' "$*"; }
@@ -34,6 +35,9 @@ uninstall() {
     rm -rf "$ETC" "$STATE" /var/cache/edgeagent
     if id "$SERVICE_USER" >/dev/null 2>&1; then
       userdel "$SERVICE_USER"
+    fi
+    if getent group "$CLIENT_GROUP" >/dev/null; then
+      groupdel "$CLIENT_GROUP"
     fi
     say "removed edgeagent, its config, models and user"
   else
@@ -75,6 +79,12 @@ if ! id "$SERVICE_USER" >/dev/null 2>&1; then
   useradd --system --user-group --home-dir "$STATE" --no-create-home \
     --shell /usr/sbin/nologin "$SERVICE_USER"
 fi
+# Terminals' users join this group (usermod -aG edgeagent-clients USER): it opens the socket
+# and nothing else; the daemon's state, cache and spool stay its own.
+if ! getent group "$CLIENT_GROUP" >/dev/null; then
+  say "creating group $CLIENT_GROUP (add terminal users: usermod -aG $CLIENT_GROUP USER)"
+  groupadd --system "$CLIENT_GROUP"
+fi
 
 # 3. The software: a venv with llama-cpp-python built for this CPU, then edgeagent itself.
 # The distribution's Python, not whichever python3 is first on root's PATH: a pyenv or conda
@@ -115,7 +125,8 @@ fi
 "$PREFIX/venv/bin/edgeagent" config check "$ETC/edgeagent.toml"
 
 # 5. The model, fetched and verified into the service's state directory.
-install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE" "$STATE/models"
+install -d -m 0700 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE"
+install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE/models"
 EDGEAGENT_MODEL_DIR="$STATE/models" "$PREFIX/venv/bin/edgeagent" model fetch
 chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE/models"
 

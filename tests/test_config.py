@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeagent import config
+from edgeagent import config, policy
 from edgeagent._toml import tomllib
+from edgeagent.mqtt_client import SecretError, read_secret
+from tests.conftest import ROOT, config_text
+from tests.test_security import NOBODY, unprivileged_python
 
 
 def test_embedded_default_config_is_valid() -> None:
@@ -74,6 +82,55 @@ def test_values_are_read() -> None:
         ("[log]\nlevel = 'loud'\n", "t.toml: log.level: 'loud' is not one of"),
         ("[engine]\nrequest_timeout_s = nan\n", "t.toml: engine.request_timeout_s: expected a"),
         ("[model\n", "t.toml: invalid TOML"),
+        # A cpulist is range-checked piece by piece before it is expanded.
+        ("[cpu]\ncores = '0-20000000'\n", "t.toml: cpu.cores: core numbers go from 0 to 4095, got"),
+        ("[cpu]\nio_cores = '2,0-4096'\n", "t.toml: cpu.io_cores: core numbers go from 0 to 4095"),
+        (f"[cpu]\ncores = '{'9' * 5000}'\n", "t.toml: cpu.cores: core numbers go from 0 to 4095"),
+        ("[cpu]\ncores = [0, 4096]\n", "t.toml: cpu.cores: core numbers go from 0 to 4095"),
+        ("[cpu]\ncores = '0,5-2'\n", "t.toml: cpu.cores: a range goes from the lower core to"),
+        ("[cpu]\ncores = '0-3,x'\n", 't.toml: cpu.cores: expected "auto", a list of core numbers'),
+        # A placeholder that refers to the match would put the redacted text back ...
+        (
+            r"escalation = {redact = [['S[0-9]+', '\g<0>']]}",
+            r"t.toml: escalation.redact: ['S[0-9]+', '\\g<0>']: the placeholder refers to a group",
+        ),
+        (
+            r"escalation = {redact = [['(S)[0-9]+', 'x\1']]}",
+            r"t.toml: escalation.redact: ['(S)[0-9]+', 'x\\1']: the placeholder refers to a",
+        ),
+        (
+            r"escalation = {redact = [['(?P<n>[0-9]+)', '\g<n>']]}",
+            r"t.toml: escalation.redact: ['(?P<n>[0-9]+)', '\\g<n>']: the placeholder refers",
+        ),
+        pytest.param(  # group 0 too, in Python 3.11; an error from 3.12
+            r"escalation = {redact = [['S[0-9]+', '\g<+0>']]}",
+            r"t.toml: escalation.redact: ['S[0-9]+', '\\g<+0>']: the placeholder refers to a",
+            marks=pytest.mark.filterwarnings("ignore:bad character in group name"),
+        ),
+        # ... and one that cannot be parsed would fail every escalation that matches.
+        (
+            r"escalation = {redact = [['S[0-9]+', '\q']]}",
+            r"t.toml: escalation.redact: ['S[0-9]+', '\\q']: invalid placeholder: bad escape \q",
+        ),
+        (
+            r"escalation = {redact = [['S[0-9]+', '\g<9>']]}",
+            r"t.toml: escalation.redact: ['S[0-9]+', '\\g<9>']: invalid placeholder: invalid",
+        ),
+        (
+            r"escalation = {redact = [['S[0-9]+', '\g<x>']]}",
+            r"t.toml: escalation.redact: ['S[0-9]+', '\\g<x>']: invalid placeholder: unknown",
+        ),
+        # Control characters in any piece of a topic or a client id, and empty topic levels.
+        ('[mqtt]\ntopic_prefix = "a\\u0000b"\n', r"t.toml: mqtt.topic_prefix: 'a\x00b' holds a"),
+        ('[cloud]\ntopic_prefix = "a\\tb"\n', r"t.toml: cloud.topic_prefix: 'a\tb' holds a"),
+        ('[mqtt]\nshared_group = "g\\u0000"\n', r"t.toml: mqtt.shared_group: 'g\x00' holds"),
+        ('[worker]\nshared_group = "g\\u007f"\n', r"t.toml: worker.shared_group: 'g\x7f' hold"),
+        ('[mqtt]\nclient_id = "c\\u0085"\n', r"t.toml: mqtt.client_id: 'c\x85' holds a"),
+        ('[cloud]\nclient_id = "c\\n"\n', r"t.toml: cloud.client_id: 'c\n' holds a"),
+        ('node_id = "line-7\\n"\n', r"t.toml: node_id: 'line-7\n' must be 1-64"),
+        ('[worker]\nworker_id = "w\\n"\n', "t.toml: worker.worker_id: 1-64 of letters"),
+        ("[mqtt]\ntopic_prefix = 'plant//line'\n", "t.toml: mqtt.topic_prefix: 'plant//line' must"),
+        ("[cloud]\ntopic_prefix = '/plant'\n", "t.toml: cloud.topic_prefix: '/plant' must be"),
     ],
 )
 def test_problems_name_file_key_and_reason(text: str, expected: str) -> None:
@@ -118,6 +175,189 @@ def test_daemon_refuses_to_start_on_invalid_config(tmp_path: Path) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     res = run_cli("run", "--config", str(tmp_path / "nope.toml"))
     assert res.returncode == 2 and "cannot read" in res.stderr
+
+
+def test_placeholders_without_group_references_load_and_redact() -> None:
+    cfg = config.parse(
+        r"escalation = {redact = [['SN-[0-9]+', '[serial \\ \n \0]'], ['(a)(?P<b>b)', '']]}",
+        "t.toml",
+    )
+    rules = policy.Rules.from_config(cfg.escalation)
+    assert policy.redact("SN-123456 at ab", rules) == "[serial \\ \n \0] at "
+
+
+SECRET_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
+    "directory": (lambda p: p.mkdir(), "cannot read: Is a directory"),
+    "not UTF-8": (lambda p: p.write_bytes(b"\xffpw\n"), "not valid UTF-8: invalid start byte"),
+    # a FIFO with no writer would block a plain open() for good
+    "FIFO": (os.mkfifo, "cannot read: not a regular file"),
+    "too large": (lambda p: p.write_bytes(b"x" * (65 << 10)), "larger than 64 KiB: not a secret"),
+    "missing": (lambda p: None, "cannot read: No such file or directory"),
+}
+
+
+@pytest.mark.parametrize("kind", SECRET_FILES)
+@pytest.mark.parametrize("section", ["mqtt", "cloud"])
+def test_password_file_is_read_when_the_config_is_loaded(
+    tmp_path: Path, section: str, kind: str
+) -> None:
+    make, reason = SECRET_FILES[kind]
+    secret = tmp_path / "password"
+    make(secret)
+    text = f'[{section}]\nenabled = true\nusername = "u"\npassword_file = "{secret}"\n'
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(text, "t.toml")
+    assert f"t.toml: {section}.password_file: {secret}: {reason}" in info.value.problems
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"ca_file": "ca.pem"}, "mqtt.tls.ca_file: @/ca.pem: cannot load: [X509: NO_CERT"),
+        ({"ca_file": "certs"}, "mqtt.tls.ca_file: @/certs: not a regular file"),
+        ({"ca_file": "none.pem"}, "mqtt.tls.ca_file: @/none.pem: cannot read: No such file"),
+        (
+            {"cert_file": "ca.pem", "key_file": "ca.pem"},
+            "mqtt.tls.key_file: @/ca.pem: cannot load it with cert_file @/ca.pem as a "
+            "certificate and its private key: [SSL]",
+        ),
+    ],
+)
+def test_tls_files_are_loaded_when_the_config_is_loaded(
+    tmp_path: Path, files: dict[str, str], expected: str
+) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    (tmp_path / "certs").mkdir()
+    lines = "".join(f'{key} = "{tmp_path / name}"\n' for key, name in files.items())
+    text = f"[mqtt]\nenabled = true\n[mqtt.tls]\nenabled = true\n{lines}"
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(text, "t.toml")
+    want = f"t.toml: {expected.replace('@', str(tmp_path))}"
+    assert any(p.startswith(want) for p in info.value.problems), info.value.problems
+
+
+def test_daemon_refuses_an_unreadable_password_file_before_loading_the_model(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "password"
+    secret.mkdir()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[mqtt]\nenabled = true\nusername = "u"\npassword_file = "{secret}"\n')
+    for args in (("config", "check", str(cfg)), ("run", "--config", str(cfg))):
+        res = run_cli(*args)
+        assert res.returncode == 2, res.stderr
+        assert f"{cfg}: mqtt.password_file: {secret}: cannot read: Is a directory" in res.stderr
+        assert "Traceback" not in res.stderr
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A directory anyone may enter holding `secret/`, which only root may (mode 0700):
+    systemd's credentials directory as another user sees it."""
+    top = Path(tempfile.mkdtemp(prefix="edgeagent-cfg-"))
+    try:
+        top.chmod(0o755)
+        (top / "secret").mkdir(mode=0o700)
+        (top / "secret" / "mqtt-password").write_text("s3cret\n")
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as nobody")
+def test_config_check_as_a_user_who_may_not_read_the_password_file(private_dir: Path) -> None:
+    """The real EACCES, from the kernel: `config check` run as uid 65534."""
+    secret = private_dir / "secret" / "mqtt-password"
+    cfg = private_dir / "c.toml"
+    cfg.write_text(f'[mqtt]\nenabled = true\nusername = "u"\npassword_file = "{secret}"\n')
+    cfg.chmod(0o644)
+    res = subprocess.run(
+        [unprivileged_python(), "-m", "edgeagent", "config", "check", str(cfg)],
+        user=NOBODY, group=NOBODY, extra_groups=[], cwd=ROOT, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert f"{cfg}: mqtt.password_file: {secret}: cannot read: Permission denied" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+READ_CREDENTIAL = """
+import sys
+sys.path[:0] = sys.argv[1:3]
+from edgeagent.mqtt_client import SecretError, read_secret
+try:
+    print(read_secret("", "mqtt-password", "mqtt.password_file"))
+except SecretError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as nobody")
+def test_credential_the_service_user_may_not_read_is_a_secret_error(private_dir: Path) -> None:
+    """$CREDENTIALS_DIRECTORY/mqtt-password read as uid 65534: the real EACCES is one line."""
+    creds = private_dir / "secret"
+    res = subprocess.run(
+        [unprivileged_python(), "-c", READ_CREDENTIAL, str(ROOT), sysconfig.get_paths()["purelib"]],
+        user=NOBODY, group=NOBODY, extra_groups=[], cwd="/", capture_output=True, text=True,
+        timeout=60, check=False, env={"CREDENTIALS_DIRECTORY": str(creds)},
+    )  # fmt: skip
+    if "No module named" in res.stderr:
+        pytest.skip(f"uid 65534 cannot import paho here: {res.stderr.strip()}")
+    assert res.returncode == 0, res.stderr
+    expected = f"mqtt.password_file: {creds}/mqtt-password: cannot read: Permission denied"
+    assert res.stdout.strip() == expected
+
+
+def test_read_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mqtt-password").write_text("s3cret\r\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert read_secret("", "mqtt-password") == "s3cret"
+    assert read_secret("", "cloud-password") is None  # a credential not passed in
+    (tmp_path / "cloud-password").mkdir()
+    with pytest.raises(SecretError) as info:
+        read_secret("", "cloud-password", "cloud.password_file")
+    assert info.value.key == "cloud.password_file"
+    assert info.value.reason == "cannot read: Is a directory"
+    with pytest.raises(SecretError) as info:  # a file the config names must be there
+        read_secret(str(tmp_path / "nope"), "mqtt-password", "mqtt.password_file")
+    assert str(info.value).endswith("nope: cannot read: No such file or directory")
+
+
+CREDENTIAL_CONFIGS = {
+    "mqtt": ('[mqtt]\nenabled = true\nusername = "u"\n', "mqtt-password"),
+    "cloud": (
+        '[cloud]\nenabled = true\nusername = "u"\n[escalation]\nenabled = true\n'
+        'spool_path = "@/spool.sqlite"\n',
+        "cloud-password",
+    ),
+}
+
+
+@pytest.mark.parametrize("link", CREDENTIAL_CONFIGS)
+@pytest.mark.parametrize("kind", ["directory", "not UTF-8"])
+def test_daemon_exits_2_on_a_credential_it_cannot_read(
+    tmp_path: Path, model_file: Path, link: str, kind: str
+) -> None:
+    """A real start under $CREDENTIALS_DIRECTORY: one `file: key: reason` line and exit 2
+    (which the unit does not restart), never a traceback, and nothing ever listened."""
+    extra, credential = CREDENTIAL_CONFIGS[link]
+    make, reason = SECRET_FILES[kind]
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    make(creds / credential)
+    sock = tmp_path / "edgeagent.sock"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(config_text().replace("@SOCKET@", str(sock)) + extra.replace("@", str(tmp_path)))
+    res = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
+        env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds),
+             "CACHE_DIRECTORY": str(tmp_path / "cache")},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert f"{cfg}: {link}.password_file: {creds / credential}: {reason}" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not sock.exists()
 
 
 toml_scalars = st.one_of(

@@ -17,6 +17,7 @@ from typing import Callable
 
 import pytest
 
+from edgeagent import daemon
 from tests.conftest import ROOT, Daemon, config_text, connect
 from tests.reliability import record
 
@@ -78,6 +79,11 @@ def test_service_unit_settings() -> None:
                     "StateDirectory=", "CacheDirectory=", "LoadCredential=mqtt-password",
                     "/etc/edgeagent/edgeagent.toml", "MemoryDenyWriteExecute=yes"):  # fmt: skip
         assert setting in text
+    # Exits that a restart cannot fix (each restart would load the model again, every 2 s).
+    prevent = re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M)
+    assert prevent, text
+    lasting = {daemon.EXIT_CONFIG, daemon.EXIT_MODEL, daemon.EXIT_SPOOL}
+    assert {int(code) for code in prevent.group(1).split()} == lasting
 
 
 class NotifySocket:
@@ -213,6 +219,51 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
         assert c.op("status")["queue_size"] == 3
     assert d.stop() == 0
     assert os.path.exists(d.config_path)
+
+
+def test_sighup_always_ends_in_ready_even_when_the_reload_fails(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd holds the unit in "reloading" from RELOADING=1 until READY=1: a reload that
+    fails in a way nobody foresaw must still end in READY=1, on the old config."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+    d = Daemon(tmp_path, config_text()).start()
+    proc = d.proc
+    assert proc is not None
+    text = d.config_path.read_text()
+
+    def reload() -> list[str]:
+        """The notification lines from the next RELOADING=1 on (waits for a READY=1)."""
+        seen = len(notify.messages)
+        proc.send_signal(signal.SIGHUP)
+        lines: list[str] = []
+        deadline = time.monotonic() + 10
+        while "READY=1" not in lines and time.monotonic() < deadline:
+            notify.pump(0.1)
+            lines = [line for _, m in notify.messages[seen:] for line in m.splitlines()]
+            lines = lines[lines.index("RELOADING=1") :] if "RELOADING=1" in lines else []
+        return lines
+
+    try:
+        notify.pump(0.3)
+        # Nested deeper than the TOML parser can recurse: not a ConfigError but an exception
+        # from inside the reload itself.
+        d.config_path.write_text(text + "deep = " + "[" * 5000 + "]" * 5000 + "\n")
+        lines = reload()
+        assert lines[:1] == ["RELOADING=1"] and "READY=1" in lines, lines
+        assert re.search(r"reload (failed|refused)", d.log()), d.log()
+        with connect(d.socket_path) as c:
+            assert c.op("status")["queue_size"] == 8  # the old config, still serving
+        # ... and the next good file is taken as before.
+        d.config_path.write_text(text.replace("queue_size = 8", "queue_size = 3"))
+        lines = reload()
+        assert lines[:1] == ["RELOADING=1"] and "READY=1" in lines, lines
+        with connect(d.socket_path) as c:
+            assert c.op("status")["queue_size"] == 3
+        assert d.stop() == 0
+    finally:
+        d.stop()
 
 
 MDWE_WRAPPER = """
