@@ -397,24 +397,47 @@ def test_sigterm_stops_cleanly_with_the_spool_open(
     assert "Traceback" not in d.log()
 
 
-class ForgetfulWorker:
-    """A cloud worker whose first answer to each escalation never reaches the edge (as when it
-    is published while the edge resubscribes to a broker that restarted). It says it is online,
-    takes every ask, and answers an escalation id only when that id is asked a second time."""
+class ScriptedWorker:
+    """A test-owned stand-in for a cloud worker on the cloud broker: it says it is online and
+    takes every ask; what it answers is the subclass's `_on_message`."""
+
+    name = "scripted"
 
     def __init__(self, port: int) -> None:
-        self.asks: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: dict[str, int] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
+    @property
+    def status_topic(self) -> str:
+        return f"edgeagent-cloud/worker/{self.name}/status"
+
     def _on_connect(self, c: mqtt.Client, *_: Any) -> None:
         c.subscribe("edgeagent-cloud/ask", 1)
-        c.publish("edgeagent-cloud/worker/forgetful/status", json.dumps({"state": "online"}), 1,
-                  retain=True)  # fmt: skip
+        c.publish(self.status_topic, json.dumps({"state": "online"}), 1, retain=True)
+
+    def _on_message(self, c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.client.publish(self.status_topic, b"", 1, retain=True)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class ForgetfulWorker(ScriptedWorker):
+    """A cloud worker whose first answer to each escalation never reaches the edge (as when it
+    is published while the edge resubscribes to a broker that restarted). It answers an
+    escalation id only when that id is asked a second time."""
+
+    name = "forgetful"
+
+    def __init__(self, port: int) -> None:
+        self.asks: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: dict[str, int] = {}
+        super().__init__(port)
 
     def _on_message(self, c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         ask = json.loads(msg.payload)
@@ -427,11 +450,6 @@ class ForgetfulWorker:
             answer = {"event": "done", "escalation_id": esc_id, "text": "Asked twice: steel.",
                       "model": "forgetful", "finish_reason": "stop"}  # fmt: skip
             c.publish(msg.properties.ResponseTopic, json.dumps(answer), 1, properties=props)
-
-    def close(self) -> None:
-        self.client.publish("edgeagent-cloud/worker/forgetful/status", b"", 1, retain=True)
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_unanswered_escalation_is_asked_again_on_a_link_that_stayed_up(

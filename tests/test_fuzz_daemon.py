@@ -605,6 +605,22 @@ def plan_messages(corpus: list[fuzz_corpus.Entry], run: str, seed: int) -> list[
     return plans
 
 
+def end_of_run(v5: mqtt.Client, v3: mqtt.Client, collector: Collector, run: str,
+               daemon: Daemon, before: dict[str, Any], sent: int) -> dict[str, Any]:  # fmt: skip
+    """Status ops after everything, from both publishers (answered after any late reply), then
+    the daemon's status once it has counted every message: `sent` plus those two."""
+    v5.publish(ASK, b'{"op": "status"}', 1, False, v5_properties(f"{run}/end-v5", None))
+    v3.publish(ASK, json.dumps({"op": "status", "reply_to": f"{run}/end-v3"}), 1)
+    collector.wait_for(f"{run}/end-v5")
+    collector.wait_for(f"{run}/end-v3")
+    received = before["mqtt"].get("received", 0) + sent + 2
+    wait_until(
+        lambda: status(daemon)["mqtt"].get("received", 0) == received,
+        "the daemon to count every message",
+    )
+    return status(daemon)
+
+
 def test_malformed_payloads_over_mqtt_each_get_one_error(
     fuzz_broker: Broker, fuzz_daemon: Daemon
 ) -> None:
@@ -638,18 +654,8 @@ def test_malformed_payloads_over_mqtt_each_get_one_error(
                 assert collector.cond.wait(max(0.01, deadline - time.monotonic())), (
                     f"{len(expected) - collector.count} replies missing"
                 )
-        # Status ops after everything, from both publishers: answered after any late reply.
-        v5.publish(ASK, b'{"op": "status"}', 1, False, v5_properties(f"{run}/end-v5", None))
-        v3.publish(ASK, json.dumps({"op": "status", "reply_to": f"{run}/end-v3"}), 1)
-        collector.wait_for(f"{run}/end-v5")
-        collector.wait_for(f"{run}/end-v3")
+        middle = end_of_run(v5, v3, collector, run, fuzz_daemon, before, len(plans))
         elapsed = time.monotonic() - t0
-        received = before["mqtt"].get("received", 0) + len(plans) + 2
-        wait_until(
-            lambda: status(fuzz_daemon)["mqtt"].get("received", 0) == received,
-            "the daemon to count every message",
-        )
-        middle = status(fuzz_daemon)
 
         # A normal request, each way, is answered as usual.
         v5.publish(
@@ -904,18 +910,8 @@ def test_hostile_reply_topics_are_refused_and_the_link_stays_up(
             props = v5_properties(p.response_topic, p.correlation) if p.v5 else None
             (v5 if p.v5 else v3).publish(ASK, p.payload, p.qos, False, props)
         wait_until(lambda: all(finals(t) for t in expected), "every answer", timeout=120)
-        # Status ops after everything, from both publishers: answered after any late reply.
-        v5.publish(ASK, b'{"op": "status"}', 1, False, v5_properties(f"{run}/end-v5", None))
-        v3.publish(ASK, json.dumps({"op": "status", "reply_to": f"{run}/end-v3"}), 1)
-        collector.wait_for(f"{run}/end-v5")
-        collector.wait_for(f"{run}/end-v3")
+        after = end_of_run(v5, v3, collector, run, fuzz_daemon, before, len(plans))
         elapsed = time.monotonic() - t0
-        received = before["mqtt"].get("received", 0) + len(plans) + 2
-        wait_until(
-            lambda: status(fuzz_daemon)["mqtt"].get("received", 0) == received,
-            "the daemon to count every message",
-        )
-        after = status(fuzz_daemon)
     finally:
         for client in (v5, v3):
             client.disconnect()

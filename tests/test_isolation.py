@@ -26,13 +26,13 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import ROOT, Conn, Daemon, config_text, connect
 from tests.mqtt_helpers import Broker, Requester, free_port
 from tests.reliability import record
 from tests.test_escalation import (  # noqa: F401 (a module fixture, used by name)
     NODE,
+    ScriptedWorker,
     Sniffer,
     daemon_extra,
     stack,
@@ -459,23 +459,16 @@ def test_units_keep_terminals_out_of_the_daemons_files() -> None:
     assert "CLIENT_GROUP=edgeagent-clients" in install
 
 
-class HostileWorker:
+class HostileWorker(ScriptedWorker):
     """A cloud 'worker' that answers every escalation with too much: a stream of tokens past
     the edge's bound, then a `done` whose text is over it and whose other fields are of the
     wrong types. It is another machine; the edge must not take its word for anything."""
 
+    name = "hostile"
+
     def __init__(self, port: int, text: str) -> None:
         self.text = text
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_connect(self, c: mqtt.Client, *_: Any) -> None:
-        c.subscribe("edgeagent-cloud/ask", 1)
-        c.publish("edgeagent-cloud/worker/hostile/status", json.dumps({"state": "online"}), 1,
-                  retain=True)  # fmt: skip
+        super().__init__(port)
 
     def _on_message(self, c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         esc_id = json.loads(msg.payload)["escalation_id"]
@@ -488,11 +481,6 @@ class HostileWorker:
         done = {"event": "done", "escalation_id": esc_id, "text": self.text,
                 "model": ["not", "text"], "usage": {"prompt_tokens": "many"}}  # fmt: skip
         c.publish(reply, json.dumps(done), 1, properties=props)
-
-    def close(self) -> None:
-        self.client.publish("edgeagent-cloud/worker/hostile/status", b"", 1, retain=True)
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_an_oversized_cloud_answer_is_refused_and_the_local_answer_stands(
