@@ -212,6 +212,8 @@ def render(records: list[dict[str, Any]], problems: list[str], output: Path) -> 
             + f": {total(records, 'accepted')} requests accepted, "
             f"{total(records, 'answered')} answered; {verdict}",
             "",
+            *provenance_lines(records),
+            "",
             "| category | scenarios | accepted | answered | lost | duplicated |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
@@ -233,6 +235,19 @@ def render(records: list[dict[str, Any]], problems: list[str], output: Path) -> 
         lines += [f"- {p}" for p in problems]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def provenance_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Which commits and machines the records come from, each with its scenarios' count."""
+    out = []
+    for key, what in (("commit", "Commit"), ("machine", "Machine")):
+        seen: dict[str, int] = defaultdict(int)
+        for r in records:
+            seen[str(r.get(key) or "not recorded")] += 1
+        listed = "; ".join(f"`{cell(v)}` ({n})" if len(seen) > 1 else f"`{cell(v)}`"
+                           for v, n in sorted(seen.items()))  # fmt: skip
+        out.append(f"{what}: {listed}.  ")
+    return out
 
 
 def plural(n: int, noun: str) -> str:

@@ -7,14 +7,44 @@ Each scenario calls `record(...)` once it has asserted its outcome; the rows go 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def provenance() -> dict[str, str]:
+    """Where a record comes from: the commit (with `+changes` when the tree was not clean) and
+    the machine (CPU model, cores the process may use), so a figure is never read without it."""
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                             timeout=10, check=False)  # fmt: skip
+        return res.stdout.strip() if res.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+changes"
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    # A VM may name its CPU only "AMD EPYC": family and model tell the generation.
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        cpu += f" (family {fields['cpu family']}, model {fields['model']})"
+    return {"commit": commit, "machine": f"{cpu}, {len(os.sched_getaffinity(0))} cores"}
 
 
 def results_dir() -> Path:
@@ -54,6 +84,7 @@ def record(
         "duplicated": duplicated,
         "figures": figures or {},
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **provenance(),
     }
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", scenario)
     (out / f"{name}.json").write_text(json.dumps(row, indent=1) + "\n")
