@@ -498,7 +498,9 @@ def _no_passphrase() -> str:
 
 def _tls_problems(tls: TlsConfig) -> list[tuple[str, str]]:
     """(key, reason) for each TLS file that paho would fail to load at start, found by loading
-    them as its tls_set does: a bad certificate is a problem line, not a traceback."""
+    them as its tls_set does: a bad certificate is a problem line, not a traceback. Only for
+    an enabled TLS table: with TLS off the files are never opened, so a path kept there for
+    later (a sample config's, a broker not yet switched over) is no problem."""
     out: list[tuple[str, str]] = []
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(tls, key)
@@ -511,7 +513,7 @@ def _tls_problems(tls: TlsConfig) -> list[tuple[str, str]]:
             continue
         if not stat.S_ISREG(mode):  # a FIFO would hang the load below
             out.append((key, f"{path}: not a regular file"))
-    if out or not tls.enabled:
+    if out:
         return out
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if tls.ca_file:
@@ -571,7 +573,7 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
             problems.append(f"{src}: {name}.reconnect_max_s: below {name}.reconnect_min_s")
         if (b.tls.cert_file == "") != (b.tls.key_file == ""):
             problems.append(f"{src}: {name}.tls: cert_file and key_file go together")
-        if b.enabled:
+        if b.enabled and b.tls.enabled:
             for key, reason in _tls_problems(b.tls):
                 problems.append(f"{src}: {name}.tls.{key}: {reason}")
         if b.enabled and b.password_file:

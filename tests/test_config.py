@@ -236,6 +236,22 @@ def test_tls_files_are_loaded_when_the_config_is_loaded(
     assert any(p.startswith(want) for p in info.value.problems), info.value.problems
 
 
+@pytest.mark.parametrize("section", ["mqtt", "cloud"])
+def test_tls_files_are_not_checked_while_tls_is_off(tmp_path: Path, section: str) -> None:
+    """docs/mqtt.md's sample keeps a ca_file with TLS off: the client never opens it, so
+    neither may the check. Turning TLS on makes the same file a problem."""
+    missing = tmp_path / "ca.pem"
+    tls = f'ca_file = "{missing}"\ncert_file = "{missing}"\nkey_file = "{missing}"\n'
+    text = f"[{section}]\nenabled = true\n[{section}.tls]\nenabled = false\n{tls}"
+    cfg = config.parse(text, "t.toml")
+    assert getattr(cfg, section).tls.ca_file == str(missing)
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(text.replace("enabled = false", "enabled = true"), "t.toml")
+    assert f"t.toml: {section}.tls.ca_file: {missing}: cannot read: No such file or directory" in (
+        info.value.problems
+    )
+
+
 def test_daemon_refuses_an_unreadable_password_file_before_loading_the_model(
     tmp_path: Path,
 ) -> None:
