@@ -38,7 +38,7 @@ def _f(default: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("", doc="model name from models/manifest.toml (default: the manifest's)")
+    name: str = _f("", doc="model name from edgeagent/models.toml (default: the manifest's)")
     path: str = _f("", doc="explicit GGUF file; overrides name")
     sha256: str = _f("", doc="expected sha256 of `path` (64 hex digits); empty: not checked")
     n_ctx: int = _f(4096, lo=256, hi=131072)
