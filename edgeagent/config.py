@@ -256,7 +256,8 @@ class WorkerConfig:
     base_url: str = _f("http://127.0.0.1:8000/v1", doc="OpenAI-compatible API (vLLM, TGI)")
     model: str = _f("meta-llama/Meta-Llama-3-8B-Instruct")
     api_key_file: str = _f(
-        "", doc="default: $EDGEAGENT_CLOUD_API_KEY, else $CREDENTIALS_DIRECTORY/cloud-api-key"
+        "",
+        doc="empty: $CREDENTIALS_DIRECTORY/cloud-api-key; $EDGEAGENT_CLOUD_API_KEY overrides both",
     )
     concurrency: int = _f(4, lo=1, hi=1024, doc="completions running at once")
     request_timeout_s: float = _f(120.0, lo=1.0, hi=3600.0)

@@ -50,7 +50,7 @@ def test_example_config_shows_every_key() -> None:
     documented = {key for key, _, _ in config.describe_keys()}
     assert documented - commented == keys(raw)
     text = path.read_text()
-    assert all(f"# {k.split('.')[-1]} =" in text for k in commented - {"cpu.sysfs_root"})
+    assert all(f"# {k.split('.')[-1]} =" in text for k in commented)
 
 
 def test_values_are_read() -> None:
