@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 SOAK_ARGS ?=
 LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: run test lint typecheck model system-deps venv bench llama-server soak reliability-report \
-	install clean help
+.PHONY: run test lint typecheck model build-deps system-deps venv bench llama-server soak \
+	reliability-report install clean help
 
 help:
 	@echo "make run    - set up everything, then run the daemon in the foreground"
@@ -26,6 +26,7 @@ help:
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/build-llama.sh scripts/llama-cmake-args.sh
+	@$(MAKE) --no-print-directory build-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet --progress-bar off pip
 	wheel=$$(scripts/build-llama.sh $(LLAMA_VERSION) $(BIN)/python) && \
@@ -33,6 +34,23 @@ $(STAMP): pyproject.toml scripts/build-llama.sh scripts/llama-cmake-args.sh
 		$(BIN)/python -m pip install --progress-bar off "$$wheel"
 	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
 	@touch $@
+
+# What making the venv needs from the system (the packages scripts/install.sh installs too):
+# venv's ensurepip, and compilers for llama.cpp. Run by the venv's recipe, so only when the venv
+# is (re)made; only what is missing is installed.
+build-deps:
+	@missing=""; \
+	$(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	include=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	test -e "$$include/Python.h" || missing="$$missing python3-dev"; \
+	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			$$missing; \
+	fi
 
 # What the test suite runs besides Python: brokers and MQTT clients, systemd's tools,
 # openssl for the TLS tests' certificates.

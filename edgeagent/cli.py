@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -256,7 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    rc: int = args.func(args)
+    try:
+        rc: int = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left must surface in this try
+    except BrokenPipeError:
+        # The reader left early (`edgeagent config keys | head`). Python ignores SIGPIPE, so
+        # this is where a Unix tool would have been killed by it: end quietly with the status a
+        # shell reports for that (141), so `set -o pipefail` scripts see the output was cut.
+        # The flush at exit then writes what is left to /dev/null instead of raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return rc
 
 

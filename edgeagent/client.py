@@ -57,7 +57,10 @@ class Client:
         return f"{os.getpid()}-{next(self._ids)}"
 
     def send(self, obj: dict[str, Any]) -> None:
-        self._sock.sendall(json.dumps(obj).encode() + b"\n")
+        try:
+            self._sock.sendall(json.dumps(obj).encode() + b"\n")
+        except OSError as exc:  # a daemon that closed the connection is EPIPE, not our stdout's
+            raise ClientError(f"cannot send to {self.path}: {exc.strerror or exc}") from None
 
     def read_event(self) -> dict[str, Any]:
         line = self._file.readline()

@@ -38,7 +38,7 @@ def _f(default: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("", doc="model name from models/manifest.toml (default: the manifest's)")
+    name: str = _f("", doc="model name from edgeagent/models.toml (default: the manifest's)")
     path: str = _f("", doc="explicit GGUF file; overrides name")
     sha256: str = _f("", doc="expected sha256 of `path` (64 hex digits); empty: not checked")
     n_ctx: int = _f(4096, lo=256, hi=131072)
@@ -256,7 +256,8 @@ class WorkerConfig:
     base_url: str = _f("http://127.0.0.1:8000/v1", doc="OpenAI-compatible API (vLLM, TGI)")
     model: str = _f("meta-llama/Meta-Llama-3-8B-Instruct")
     api_key_file: str = _f(
-        "", doc="default: $EDGEAGENT_CLOUD_API_KEY, else $CREDENTIALS_DIRECTORY/cloud-api-key"
+        "",
+        doc="empty: $CREDENTIALS_DIRECTORY/cloud-api-key; $EDGEAGENT_CLOUD_API_KEY overrides both",
     )
     concurrency: int = _f(4, lo=1, hi=1024, doc="completions running at once")
     request_timeout_s: float = _f(120.0, lo=1.0, hi=3600.0)
@@ -498,7 +499,9 @@ def _no_passphrase() -> str:
 
 def _tls_problems(tls: TlsConfig) -> list[tuple[str, str]]:
     """(key, reason) for each TLS file that paho would fail to load at start, found by loading
-    them as its tls_set does: a bad certificate is a problem line, not a traceback."""
+    them as its tls_set does: a bad certificate is a problem line, not a traceback. Only for
+    an enabled TLS table: with TLS off the files are never opened, so a path kept there for
+    later (a sample config's, a broker not yet switched over) is no problem."""
     out: list[tuple[str, str]] = []
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(tls, key)
@@ -511,7 +514,7 @@ def _tls_problems(tls: TlsConfig) -> list[tuple[str, str]]:
             continue
         if not stat.S_ISREG(mode):  # a FIFO would hang the load below
             out.append((key, f"{path}: not a regular file"))
-    if out or not tls.enabled:
+    if out:
         return out
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if tls.ca_file:
@@ -571,7 +574,7 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
             problems.append(f"{src}: {name}.reconnect_max_s: below {name}.reconnect_min_s")
         if (b.tls.cert_file == "") != (b.tls.key_file == ""):
             problems.append(f"{src}: {name}.tls: cert_file and key_file go together")
-        if b.enabled:
+        if b.enabled and b.tls.enabled:
             for key, reason in _tls_problems(b.tls):
                 problems.append(f"{src}: {name}.tls.{key}: {reason}")
         if b.enabled and b.password_file:

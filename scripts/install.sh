@@ -2,20 +2,24 @@
 # Install edgeagent as a systemd service on Debian, Ubuntu or Raspberry Pi OS.
 #
 #   sudo scripts/install.sh               install or upgrade (idempotent: safe to run again)
-#   sudo scripts/install.sh --uninstall   remove the service and the software; keep config,
+#   sudo scripts/install.sh --worker      the cloud worker instead: the same software and
+#                                         edgeagent-cloud-worker.service; no edge service, no model
+#   sudo scripts/install.sh --uninstall   remove the services and the software; keep config,
 #                                         models and state
-#   sudo scripts/install.sh --uninstall --purge   ... and remove those too
+#   sudo scripts/install.sh --uninstall --purge   ... and remove those too, and the build cache
 #
 # Layout: software in /opt/edgeagent/venv, config in /etc/edgeagent/edgeagent.toml (written
 # only if absent), MQTT password in /etc/edgeagent/credentials/mqtt-password (passed to the
 # service with LoadCredential=), models in /var/lib/edgeagent/models, units in
-# /etc/systemd/system. See docs/deploy.md.
+# /etc/systemd/system, the llama-cpp-python wheel built for this CPU in
+# /var/cache/edgeagent-build/edgeagent/wheels/<key>/. See docs/deploy.md.
 set -euo pipefail
 
 PREFIX=/opt/edgeagent
 ETC=/etc/edgeagent
 STATE=/var/lib/edgeagent
 UNIT_DIR=/etc/systemd/system
+BUILD_CACHE=/var/cache/edgeagent-build  # XDG_CACHE_HOME of scripts/build-llama.sh
 SERVICE_USER=edgeagent
 CLIENT_GROUP=edgeagent-clients  # terminals' users: may connect to the socket, nothing else
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,25 +27,55 @@ SRC="$(cd "$(dirname "$0")/.." && pwd)"
 say() { printf 'edgeagent install: %s\n' "$*"; }
 have_systemd() { [ -d /run/systemd/system ]; }
 
+UNITS="edgeagent.service edgeagent.socket edgeagent-cloud-worker.service"
+
 uninstall() {
-  local purge=$1
-  if have_systemd; then
-    systemctl disable --now edgeagent.service edgeagent.socket 2>/dev/null || true
-  fi
-  rm -f "$UNIT_DIR/edgeagent.service" "$UNIT_DIR/edgeagent.socket"
+  local purge=$1 unit
+  for unit in $UNITS; do  # one at a time: systemctl refuses the lot if one is not installed
+    if have_systemd; then
+      systemctl disable --now "$unit" 2>/dev/null || true
+    fi
+    rm -f "$UNIT_DIR/$unit"
+  done
   have_systemd && systemctl daemon-reload
   rm -rf "$PREFIX"
   if [ "$purge" = yes ]; then
-    rm -rf "$ETC" "$STATE" /var/cache/edgeagent
+    rm -rf "$ETC" "$STATE" /var/cache/edgeagent "$BUILD_CACHE"
     if id "$SERVICE_USER" >/dev/null 2>&1; then
       userdel "$SERVICE_USER"
     fi
     if getent group "$CLIENT_GROUP" >/dev/null; then
       groupdel "$CLIENT_GROUP"
     fi
-    say "removed edgeagent, its config, models and user"
+    say "removed edgeagent, its config, models, build cache and user"
   else
-    say "removed edgeagent; kept $ETC and $STATE (use --purge to remove them)"
+    say "removed edgeagent; kept $ETC, $STATE and $BUILD_CACHE (use --purge to remove them)"
+  fi
+}
+
+# The cloud worker's machine: the unit runs as a dynamic user (no system user to make) and
+# needs its two credential files; it is started once /etc/edgeagent/worker.toml exists.
+install_worker() {
+  local cred
+  install -d -m 0755 "$ETC"
+  install -d -m 0700 "$ETC/credentials"
+  for cred in cloud-password cloud-api-key; do  # LoadCredential= needs them; empty: none
+    [ -f "$ETC/credentials/$cred" ] || install -m 0600 /dev/null "$ETC/credentials/$cred"
+  done
+  install -m 0644 "$SRC/systemd/edgeagent-cloud-worker.service" "$UNIT_DIR/"
+  have_systemd && systemctl daemon-reload
+  if [ ! -f "$ETC/worker.toml" ]; then
+    say "write $ETC/worker.toml (mode 0644; [cloud] broker, [worker] model server: see"
+    say "docs/escalation.md), then: systemctl enable --now edgeagent-cloud-worker"
+    return 0
+  fi
+  "$PREFIX/venv/bin/edgeagent" config check "$ETC/worker.toml"
+  if have_systemd; then
+    systemctl enable edgeagent-cloud-worker.service
+    systemctl restart edgeagent-cloud-worker.service
+    say "running: systemctl status edgeagent-cloud-worker"
+  else
+    say "systemd is not running here: unit installed in $UNIT_DIR, not started"
   fi
 }
 
@@ -50,14 +84,16 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
+mode=edge
 case "${1:-}" in
   --uninstall)
     uninstall "$([ "${2:-}" = --purge ] && echo yes || echo no)"
     exit 0
     ;;
+  --worker) mode=worker ;;
   "") ;;
   *)
-    echo "usage: $0 [--uninstall [--purge]]" >&2
+    echo "usage: $0 [--worker | --uninstall [--purge]]" >&2
     exit 2
     ;;
 esac
@@ -73,15 +109,15 @@ if [ -n "$need" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need
 fi
 
-# 2. A system user without a shell or a home of its own.
-if ! id "$SERVICE_USER" >/dev/null 2>&1; then
+# 2. A system user without a shell or a home of its own (the worker's unit has a dynamic one).
+if [ "$mode" = edge ] && ! id "$SERVICE_USER" >/dev/null 2>&1; then
   say "creating system user $SERVICE_USER"
   useradd --system --user-group --home-dir "$STATE" --no-create-home \
     --shell /usr/sbin/nologin "$SERVICE_USER"
 fi
 # Terminals' users join this group (usermod -aG edgeagent-clients USER): it opens the socket
 # and nothing else; the daemon's state, cache and spool stay its own.
-if ! getent group "$CLIENT_GROUP" >/dev/null; then
+if [ "$mode" = edge ] && ! getent group "$CLIENT_GROUP" >/dev/null; then
   say "creating group $CLIENT_GROUP (add terminal users: usermod -aG $CLIENT_GROUP USER)"
   groupadd --system "$CLIENT_GROUP"
 fi
@@ -102,13 +138,18 @@ if [ ! -x "$PREFIX/venv/bin/python" ]; then
 fi
 "$PREFIX/venv/bin/python" -m pip install --quiet --upgrade pip
 llama_version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' "$SRC/pyproject.toml")
-wheel=$(XDG_CACHE_HOME=/var/cache/edgeagent-build "$SRC/scripts/build-llama.sh" \
+wheel=$(XDG_CACHE_HOME="$BUILD_CACHE" "$SRC/scripts/build-llama.sh" \
   "$llama_version" "$PREFIX/venv/bin/python")
 "$PREFIX/venv/bin/python" -m pip install --quiet "$wheel"
 "$PREFIX/venv/bin/python" -m pip install --quiet --upgrade "$SRC"
 mkdir -p "$PREFIX/share/doc"
 cp "$SRC/README.md" "$SRC/edgeagent.example.toml" "$PREFIX/share/doc/"
 cp -r "$SRC/docs" "$PREFIX/share/doc/"
+if [ "$mode" = worker ]; then
+  install_worker
+  say "done"
+  exit 0
+fi
 
 # 4. Config and credentials: never overwritten.
 install -d -m 0755 "$ETC"

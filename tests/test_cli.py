@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-from tests.conftest import Daemon
+from tests.conftest import ROOT, Daemon
 
 
 def edgeagent(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -38,6 +39,28 @@ def test_ask_reports_errors_with_a_non_zero_exit(daemon: Daemon) -> None:
 def test_ask_without_a_daemon(tmp_path: object) -> None:
     res = edgeagent("ask", "--socket", "/nonexistent/edgeagent.sock", "Hi")
     assert res.returncode == 1 and "is the daemon running?" in res.stderr
+
+
+def test_output_into_a_pipe_whose_reader_left() -> None:
+    """`edgeagent config keys | head`: the real CLI writing into a pipe whose read end is
+    closed before the first write (so the outcome does not depend on timing), as `head` leaves
+    one. No traceback, and 141, the status a shell reports for a tool killed by SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "edgeagent", "config", "keys"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert res.stderr == ""
+    assert res.returncode == 141
+    whole = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "config", "keys"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert whole.returncode == 0 and whole.stdout.startswith("node_id = ")
 
 
 def test_chat_keeps_the_conversation(daemon: Daemon) -> None:

@@ -50,7 +50,7 @@ def test_example_config_shows_every_key() -> None:
     documented = {key for key, _, _ in config.describe_keys()}
     assert documented - commented == keys(raw)
     text = path.read_text()
-    assert all(f"# {k.split('.')[-1]} =" in text for k in commented - {"cpu.sysfs_root"})
+    assert all(f"# {k.split('.')[-1]} =" in text for k in commented)
 
 
 def test_values_are_read() -> None:
@@ -234,6 +234,22 @@ def test_tls_files_are_loaded_when_the_config_is_loaded(
         config.parse(text, "t.toml")
     want = f"t.toml: {expected.replace('@', str(tmp_path))}"
     assert any(p.startswith(want) for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("section", ["mqtt", "cloud"])
+def test_tls_files_are_not_checked_while_tls_is_off(tmp_path: Path, section: str) -> None:
+    """docs/mqtt.md's sample keeps a ca_file with TLS off: the client never opens it, so
+    neither may the check. Turning TLS on makes the same file a problem."""
+    missing = tmp_path / "ca.pem"
+    tls = f'ca_file = "{missing}"\ncert_file = "{missing}"\nkey_file = "{missing}"\n'
+    text = f"[{section}]\nenabled = true\n[{section}.tls]\nenabled = false\n{tls}"
+    cfg = config.parse(text, "t.toml")
+    assert getattr(cfg, section).tls.ca_file == str(missing)
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(text.replace("enabled = false", "enabled = true"), "t.toml")
+    assert f"t.toml: {section}.tls.ca_file: {missing}: cannot read: No such file or directory" in (
+        info.value.problems
+    )
 
 
 def test_daemon_refuses_an_unreadable_password_file_before_loading_the_model(
