@@ -77,8 +77,10 @@ class CloudLink:
         loop: asyncio.AbstractEventLoop,
         on_change: Callable[[bool], None],
         on_reply: Callable[[dict[str, Any], Optional[bytes]], None],
+        on_worker_back: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg, self.loop, self.on_change, self.on_reply = cfg, loop, on_change, on_reply
+        self.on_worker_back = on_worker_back
         c = cfg.cloud
         self.topics = CloudTopics(c.topic_prefix)
         self.reply_topic = self.topics.reply(cfg.node_id)
@@ -153,7 +155,9 @@ class CloudLink:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props else None
-        self.loop.call_soon_threadsafe(self._message, msg.topic, bytes(msg.payload), correlation)
+        self.loop.call_soon_threadsafe(
+            self._message, msg.topic, bytes(msg.payload), correlation, bool(msg.retain)
+        )
 
     def _connect_failed(self, level: int, reason: str) -> None:
         self.counters["connect_failed"] += 1
@@ -198,7 +202,8 @@ class CloudLink:
         event["escalation_id"] = esc_id
         self.on_reply(event, None)
 
-    def _message(self, topic: str, payload: bytes, correlation: Optional[bytes]) -> None:
+    def _message(self, topic: str, payload: bytes, correlation: Optional[bytes],
+                 retained: bool = False) -> None:  # fmt: skip
         try:
             obj = json.loads(payload) if payload else {}
         except ValueError:
@@ -211,11 +216,18 @@ class CloudLink:
         parts = topic.split("/")
         if len(parts) >= 3 and parts[-1] == "status":
             was = self.up
-            self.workers[parts[-2]] = isinstance(obj, dict) and obj.get("state") == "online"
+            online = isinstance(obj, dict) and obj.get("state") == "online"
+            self.workers[parts[-2]] = online
             if self.up != was:
                 log.info("cloud link %s (workers online: %s)", "up" if self.up else "down",
                          ", ".join(self.status()["workers_online"]) or "none")  # fmt: skip
                 self.on_change(self.up)
+            elif online and not retained and was:
+                # A worker said `online` just now: it has (re)connected. After a cloud broker
+                # restart its retained `online` may have made the link look up before it was
+                # back, and what was sent meanwhile may never reach it.
+                self.counters["worker_returns"] += 1
+                self.on_worker_back()
 
 
 def _answer_fits(event: dict[str, Any], limit: int) -> bool:
@@ -296,12 +308,13 @@ class Escalator:
         )  # fmt: skip
         # One thread owns the sqlite connection: fsyncs never block the event loop.
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-spool")
-        self.link = CloudLink(cfg, loop, self._link_changed, self._reply)
+        self.link = CloudLink(cfg, loop, self._link_changed, self._reply, self._worker_back)
         self.followups: Optional[FollowupPublisher] = None  # the MQTT front end, when enabled
         self.counters: collections.Counter[str] = collections.Counter()
         self.spool_counts: dict[str, int] = {}
         # sent on the current link, not answered yet: id -> when it was (last) sent
         self._inflight: dict[str, float] = {}
+        self._heard: set[str] = set()  # in flight, and a worker has started on it
         self._streamed: dict[str, int] = {}  # bytes of cloud tokens taken per escalation
         self._waiters: dict[str, CloudWaiter] = {}
         self._terminals: dict[str, ReplySink] = {}  # open connections waiting for a follow-up
@@ -470,8 +483,21 @@ class Escalator:
         # broker restarted without persistence). Sending again is harmless: duplicates of an
         # escalation id are answered once by the worker and recorded once here.
         self._inflight.clear()
+        self._heard.clear()
         if up:
             self.pump()
+
+    def _worker_back(self) -> None:
+        """A worker has just (re)connected: what is in flight and no worker has started on
+        goes out again (it may have been sent while no worker was there to take it)."""
+        silent = [esc_id for esc_id in self._inflight if esc_id not in self._heard]
+        for esc_id in silent:
+            del self._inflight[esc_id]
+        if silent:
+            log.info("a worker is back; asking again %d escalation(s) nobody started on",
+                     len(silent))  # fmt: skip
+            self.counters["resent_on_worker_return"] += len(silent)
+        self.pump()
 
     def _reply(self, event: dict[str, Any], correlation: Optional[bytes]) -> None:
         esc_id = event.get("escalation_id")
@@ -480,6 +506,7 @@ class Escalator:
         kind = event.get("event")
         if kind in ("start", "token") and esc_id in self._inflight:
             self._inflight[esc_id] = time.monotonic()  # being answered: not one to ask again
+            self._heard.add(esc_id)
         limit = self.cfg.escalation.max_answer_bytes
         if kind == "start":
             self._streamed.pop(esc_id, None)
@@ -512,6 +539,7 @@ class Escalator:
         answer = _cloud_fields(event)
         changed = await self._db(self.spool.finish, esc_id, state, answer)
         self._inflight.pop(esc_id, None)
+        self._heard.discard(esc_id)
         self.pump()
         if not changed:
             self.counters["duplicate_answers"] += 1

@@ -235,3 +235,56 @@ def test_cloud_link_partition_while_escalations_flow(
             "cloud_answers_after_busy": t["cloud_answers_after_busy"],
         },
     )
+
+
+def test_an_escalation_sent_before_its_worker_is_back_goes_out_when_it_returns(
+    stack: dict[str, Any],  # noqa: F811
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """The cloud broker dies with the worker's retained `online` saved, and comes back before
+    the worker does: the edge takes the link for up and sends an escalation that no worker is
+    there to take. When the worker reconnects and says `online`, the escalation goes out again
+    at once, not `resend_s` (300 s) later. This was the flapping test's rare loss."""
+    cloud: Broker = stack["cloud"]
+    worker = stack["worker"].proc
+    d = daemon_factory(node_id="back-node", extra=daemon_extra(stack, "back", timeout_s=60.0))
+    wait_link(d, True)
+    try:
+        saved_now(cloud)  # the retained `online` is on disk
+        worker.send_signal(signal.SIGSTOP)  # before its keepalive lapses and its Will fires
+        assert cloud.proc is not None
+        cloud.proc.kill()
+        cloud.proc.wait()
+        cloud.start()
+        wait_link(d, True)  # up on the retained `online` alone: the worker is stopped
+        with connect(d.socket_path) as c:
+            c.send({"id": "back", "prompt": "Name a metal.", "max_tokens": 8, "escalate": True})
+            time.sleep(2)  # sent while no worker is connected
+            worker.send_signal(signal.SIGCONT)
+            events = c.until_final("back")
+            link = c.op("status")["escalation"]
+    finally:
+        worker.send_signal(signal.SIGCONT)
+        if cloud.proc is None or cloud.proc.poll() is not None:
+            cloud.start()
+    done = events[-1]
+    assert done["event"] == "done" and done["source"] == "cloud", done
+    assert done["escalation"]["status"] == "answered", done
+    assert link["link"].get("worker_returns", 0) >= 1, link
+    assert link.get("resent_on_worker_return", 0) >= 1, link
+    record(
+        "broker: cloud broker back before its worker",
+        category="broker",
+        load="1 escalation over the socket",
+        faults="cloud broker kill -9 with the worker stopped; broker back first (the worker's "
+        "retained online makes the link look up), the worker 2 s later",
+        inputs="a valid request flagged escalate",
+        accepted=1,
+        answered=1,
+        lost=0,
+        duplicated=0,
+        figures={
+            "resent_on_worker_return": link.get("resent_on_worker_return", 0),
+            "cloud_answer_ms": done["timings"]["total_ms"],
+        },
+    )
