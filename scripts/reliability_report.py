@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.reliability import results_dir
 
-COUNTS = ("accepted", "answered", "lost", "duplicated")
+COUNTS = ("accepted", "answered", "refused", "lost", "duplicated")
 TEXTS = ("load", "faults", "inputs")
 SOAK = "soak"
 SOAK_HEADING = "The soak run"  # not "Soak": the category's table already has that anchor
@@ -51,10 +51,11 @@ make reliability-report    # rebuild this page from run/reliability/*.json
 ```
 
 How to read the tables: **accepted** counts requests the daemon took on (not refused with
-`busy`, not cut off before it read them); **answered** those that got their one final `done`
-or `error`; **lost** accepted requests that never got a final event; **duplicated** requests
-that got more than one. Lost and duplicated are counted by the scenario from what the clients
-received, never assumed.
+`busy`, not cut off before it read them); **answered** those of them that got their one final
+`done` or `error`; **refused** requests turned away at once (`busy`, or a reply address the
+daemon will not publish to), counted apart from the answers; **lost** accepted requests that
+never got a final event; **duplicated** requests that got more than one. Lost and duplicated
+are counted by the scenario from what the clients received, never assumed.
 """
 
 SOAK_INTRO = """\
@@ -127,9 +128,9 @@ def total(records: list[dict[str, Any]], key: str) -> int:
 
 def category_table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
-        "| scenario | load held | faults survived | inputs tried | accepted | answered | lost "
-        "| duplicated | key figures |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| scenario | load held | faults survived | inputs tried | accepted | answered | refused "
+        "| lost | duplicated | key figures |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in sorted(rows, key=lambda r: str(r["scenario"])):
         figures = (
@@ -210,12 +211,13 @@ def render(records: list[dict[str, Any]], problems: list[str], output: Path) -> 
             "",
             f"{plural(len(records), 'scenario')} in {plural(len(by_category), 'category')}{when}"
             + f": {total(records, 'accepted')} requests accepted, "
-            f"{total(records, 'answered')} answered; {verdict}",
+            f"{total(records, 'answered')} answered, {total(records, 'refused')} refused at "
+            f"once; {verdict}",
             "",
             *provenance_lines(records),
             "",
-            "| category | scenarios | accepted | answered | lost | duplicated |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| category | scenarios | accepted | answered | refused | lost | duplicated |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         order = category_order(set(by_category))
         for category in order:

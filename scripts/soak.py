@@ -1255,6 +1255,7 @@ class Soak:
             "(invalid JSON/UTF-8, NUL, wrong types, unknown fields, bad roles), bursts",
             accepted=len(out.accepted),
             answered=len(out.answered),
+            refused=out.figures["busy"],
             lost=len(out.lost),
             duplicated=len(out.duplicated),
             figures=figures,

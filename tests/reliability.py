@@ -63,12 +63,15 @@ def record(
     lost: int,
     duplicated: int,
     figures: dict[str, Any] | None = None,
+    refused: int = 0,
 ) -> None:
     """Store one scenario's outcome: what was done to the daemon and what came back.
 
     `accepted` counts requests the daemon took on (not refused with busy); `answered` those
-    that got their one final event; `lost` and `duplicated` are what the test measured, never
-    assumed (a test asserts them to be zero before recording).
+    of them that got their one final event; `refused` requests turned away at once (busy, or
+    a bad reply address) without being taken on, counted apart from the answers; `lost` and
+    `duplicated` are what the test measured, never assumed (a test asserts them to be zero
+    before recording).
     """
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -80,6 +83,7 @@ def record(
         "inputs": inputs,
         "accepted": accepted,
         "answered": answered,
+        "refused": refused,
         "lost": lost,
         "duplicated": duplicated,
         "figures": figures or {},

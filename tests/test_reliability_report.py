@@ -16,7 +16,7 @@ def write(results: Path, name: str, **row: Any) -> None:
     results.mkdir(exist_ok=True)
     base = {
         "scenario": name, "category": "faults", "load": "", "faults": "", "inputs": "",
-        "accepted": 0, "answered": 0, "lost": 0, "duplicated": 0, "figures": {},
+        "accepted": 0, "answered": 0, "refused": 0, "lost": 0, "duplicated": 0, "figures": {},
         "recorded_at": "2026-01-02T03:04:05Z",
     }  # fmt: skip
     (results / f"{name}.json").write_text(json.dumps({**base, **row}))
@@ -44,8 +44,8 @@ def test_every_scenario_in_a_table_per_category(tmp_path: Path) -> None:
           faults="local broker SIGKILL + restart", inputs="plain requests", accepted=40,
           answered=40, figures={"reconnect_s": 1.234, "codes": {"done": 40}})  # fmt: skip
     write(results, "overload_burst", category="overload", load="1,000 at once",
-          faults="-", inputs="socket | MQTT", accepted=24, answered=24, duplicated=1,
-          figures={"busy_p99_ms": 3.5})  # fmt: skip
+          faults="-", inputs="socket | MQTT", accepted=24, answered=24, refused=976,
+          duplicated=1, figures={"busy_p99_ms": 3.5})  # fmt: skip
     write(results, "json_corpus", category="fuzz", inputs="10,000 malformed lines",
           accepted=10000, answered=9998, lost=2)  # fmt: skip
     page = report(results, tmp_path / "reliability.md")
@@ -54,21 +54,23 @@ def test_every_scenario_in_a_table_per_category(tmp_path: Path) -> None:
     assert "make reliability-report" in page and "make soak" in page
     summary = rows_of(page, "Summary")
     assert summary == [
-        ["[faults](#faults)", "1", "40", "40", "0", "0"],
-        ["[fuzz](#fuzz)", "1", "10000", "9998", "2", "0"],
-        ["[overload](#overload)", "1", "24", "24", "0", "1"],
+        ["[faults](#faults)", "1", "40", "40", "0", "0", "0"],
+        ["[fuzz](#fuzz)", "1", "10000", "9998", "0", "2", "0"],
+        ["[overload](#overload)", "1", "24", "24", "976", "0", "1"],
     ]
+    assert "10064 requests accepted, 10062 answered, 976 refused at once" in page
     assert "**2 lost and 1 duplicated: see the rows in bold.**" in page
     assert "The soak failed" not in page
     assert rows_of(page, "faults") == [[
         "broker_killed_mid_stream", "40 requests over MQTT", "local broker SIGKILL + restart",
-        "plain requests", "40", "40", "0", "0", 'reconnect_s: 1.23; codes: {"done":40}',
+        "plain requests", "40", "40", "0", "0", "0", 'reconnect_s: 1.23; codes: {"done":40}',
     ]]  # fmt: skip
     overload = rows_of(page, "overload")[0]
     assert overload[3] == "socket \\| MQTT"  # a pipe inside a cell is escaped
-    assert overload[7] == "**1**" and overload[8] == "busy_p99_ms: 3.5"
-    assert rows_of(page, "fuzz")[0][6] == "**2**"
-    assert rows_of(page, "fuzz")[0][8] == "—"  # no figures
+    assert overload[6] == "976"  # refused at once, apart from the answers
+    assert overload[8] == "**1**" and overload[9] == "busy_p99_ms: 3.5"
+    assert rows_of(page, "fuzz")[0][7] == "**2**"
+    assert rows_of(page, "fuzz")[0][9] == "—"  # no figures
     assert "## The soak run" not in page
     assert "3 scenarios in 3 categories" in page
 
