@@ -146,6 +146,19 @@ def escalation_id(node_id: str, sink: ReplySink, req: Request) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+def not_stored(entry: _Inflight, reason: policy.Reason, exc: Exception) -> dict[str, Any]:
+    """The `escalation` of a request whose question the spool did not take: `refused` when its
+    client has its share waiting, `error` when the spool could not store it (disk full, I/O
+    error); the message says which, in one log line without a traceback."""
+    if isinstance(exc, sp.QuotaExceeded):
+        log.warning("escalating %s from %s refused: %s", entry.request.id, entry.sink.peer, exc)
+        status = "refused"
+    else:
+        log.error("escalating %s failed: %s", entry.request.id, exc)
+        status = "error"
+    return {**reason.as_dict(), "status": status, "message": str(exc)}
+
+
 class _CloudWaiter:
     """Streams an escalation's cloud answer into its request."""
 
@@ -345,16 +358,9 @@ class Dispatcher:
                 self._cloud_payload(req, entry.sink, reason), entry.sink.reply_address,
                 entry.sink.identity,
             )  # fmt: skip
-        except sp.QuotaExceeded as exc:  # this client has enough waiting: the local model answers
-            log.warning("escalating %s from %s refused: %s", req.id, entry.sink.peer, exc)
-            entry.escalation = {**reason.as_dict(), "status": "refused", "message": str(exc)}
+        except (sp.QuotaExceeded, SpoolError) as exc:  # the local model answers instead
+            entry.escalation = not_stored(entry, reason, exc)
             if not entry.finished:  # not cancelled while the spool was looking
-                self._ask_local(entry)
-            return
-        except SpoolError as exc:  # disk full, I/O error: the message says which, no traceback
-            log.error("escalating %s failed: %s", req.id, exc)
-            entry.escalation = {**reason.as_dict(), "status": "error", "message": str(exc)}
-            if not entry.finished:
                 self._ask_local(entry)
             return
         except Exception as exc:
@@ -498,11 +504,8 @@ class Dispatcher:
             )  # fmt: skip
             esc.watch(stored.id, entry.sink)
             event["escalation"] = {**reason.as_dict(), "id": stored.id, "status": "queued"}
-        except sp.QuotaExceeded as exc:
-            event["escalation"] = {**reason.as_dict(), "status": "refused", "message": str(exc)}
-        except SpoolError as exc:
-            log.error("second opinion for %s could not be recorded: %s", req.id, exc)
-            event["escalation"] = {**reason.as_dict(), "status": "error", "message": str(exc)}
+        except (sp.QuotaExceeded, SpoolError) as exc:
+            event["escalation"] = not_stored(entry, reason, exc)
         except Exception:
             log.exception("second opinion for %s could not be recorded", req.id)
             event["escalation"] = {**reason.as_dict(), "status": "error"}
