@@ -109,8 +109,3 @@ def reply_topic_problem(topic: object, max_bytes: int = MAX_TOPIC_BYTES) -> Opti
     if found.group() in "+#":
         return "holds a wildcard (`+` or `#`)"
     return f"holds U+{ord(found.group()):04X} (a control character or noncharacter)"
-
-
-def valid_reply_topic(topic: object, max_bytes: int = MAX_TOPIC_BYTES) -> bool:
-    """A topic a reply may be published to (see `reply_topic_problem`)."""
-    return reply_topic_problem(topic, max_bytes) is None
