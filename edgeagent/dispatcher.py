@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -180,6 +181,7 @@ class Dispatcher:
         self.cfg, self.engine, self.loop = cfg, engine, loop
         self.stats = Stats()
         self.accepting = True
+        self.stopping = False
         self._inflight: dict[tuple[Hashable, str], _Inflight] = {}
         self._per_scope: collections.Counter[Hashable] = collections.Counter()
         self._results_pending: collections.Counter[Hashable] = collections.Counter()
@@ -230,17 +232,36 @@ class Dispatcher:
     def is_inflight(self, sink: ReplySink, rid: str) -> bool:
         return (sink.scope, rid) in self._inflight
 
-    async def drain(self, timeout: float) -> int:
-        """Refuse new work, let in-flight requests finish for up to `timeout` s, cancel the rest.
+    async def drain(self, timeout: float, quiet: float = 0.0) -> int:
+        """Let in-flight requests finish for up to `timeout` s, cancel the rest.
 
-        Returns how many requests had to be cancelled.
+        The transports have stopped taking new clients (a restart's terminals wait in the
+        socket's backlog for the next instance). Until nothing has run for `quiet` s, requests
+        on connections already open are still served: a terminal accepted just before the
+        stop has sent its line but it was not read yet, and refusing it would lose a
+        restart's request. After that, new requests get `busy`. Returns how many requests had
+        to be cancelled.
         """
+        self.stopping = True
+        deadline = self.loop.time() + timeout
+        left: list[_Inflight] = []
+        while True:
+            remaining = deadline - self.loop.time()
+            if not self.idle.is_set():
+                if remaining <= 0:
+                    left = list(self._inflight.values())
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.idle.wait(), remaining)
+                continue
+            if min(quiet, remaining) <= 0:
+                break
+            await asyncio.sleep(min(quiet, remaining))
+            if self.idle.is_set():
+                break
         self.accepting = False
-        try:
-            await asyncio.wait_for(self.idle.wait(), timeout)
+        if not left:
             return 0
-        except asyncio.TimeoutError:
-            left = list(self._inflight.values())
         for entry in left:
             self._stop(entry, protocol.CANCELLED, shutdown=True)
         try:
@@ -639,7 +660,7 @@ class Dispatcher:
             "event": "status",
             "node_id": self.cfg.node_id,
             "version": __version__,
-            "state": "ready" if self.accepting else "stopping",
+            "state": "stopping" if self.stopping else "ready",
             "model": {
                 "name": eng.model_name,
                 "path": str(eng.model_file),

@@ -98,9 +98,10 @@ case "${1:-}" in
     ;;
 esac
 
-# 1. Build tools and Python (llama.cpp is compiled once per CPU feature set).
+# 1. Build tools and Python (llama.cpp is compiled once per CPU feature set), and procps for
+# the unit's `ExecReload=/bin/kill` (a minimal Debian has no /bin/kill: reload would fail).
 need=""
-for pkg in python3-venv python3-dev gcc g++; do
+for pkg in python3-venv python3-dev gcc g++ procps; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
 done
 if [ -n "$need" ]; then
@@ -171,12 +172,20 @@ install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE/models"
 EDGEAGENT_MODEL_DIR="$STATE/models" "$PREFIX/venv/bin/edgeagent" model fetch
 chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE/models"
 
-# 6. The units.
+# 6. The units. An upgrade restarts the service only: the socket keeps listening, so the
+# terminals that connect meanwhile wait for the new version instead of being refused. The
+# socket itself is restarted only when its unit changed (which restarts the service too).
+socket_changed=yes
+cmp -s "$SRC/systemd/edgeagent.socket" "$UNIT_DIR/edgeagent.socket" && socket_changed=no
 install -m 0644 "$SRC/systemd/edgeagent.service" "$SRC/systemd/edgeagent.socket" "$UNIT_DIR/"
 if have_systemd; then
   systemctl daemon-reload
   systemctl enable edgeagent.socket edgeagent.service
-  systemctl restart edgeagent.socket edgeagent.service
+  if [ "$socket_changed" = yes ] || ! systemctl is-active --quiet edgeagent.socket; then
+    systemctl restart edgeagent.socket edgeagent.service
+  else
+    systemctl restart edgeagent.service
+  fi
   say "running: systemctl status edgeagent; journalctl -u edgeagent -f"
 else
   say "systemd is not running here: units installed in $UNIT_DIR, not started"

@@ -279,6 +279,30 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(
     assert "Traceback" not in d.log()
 
 
+def test_a_request_read_just_after_sigterm_is_answered_not_refused(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # A restart's race: the terminal's connection was accepted before the stop, its line is
+    # read after it. The listener is already closed (new terminals wait for the next
+    # instance), so refusing this one would leave it nowhere to go.
+    d = daemon_factory()
+    with connect(d.socket_path) as c:
+        assert c.op("status")["state"] == "ready"
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while os.path.exists(d.socket_path):  # the stop has begun: no new connections
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        c.send({"id": "late", "prompt": "Name one metal.", "max_tokens": 3})
+        final = c.until_final("late")[-1]
+        assert final["event"] == "done", final
+        with pytest.raises(EOFError):
+            c.read()
+    assert d.stop() == 0
+    assert "Traceback" not in d.log()
+
+
 def test_sigterm_during_a_long_prompt_still_answers_and_exits_zero(
     tmp_path: Path, model_file: Path
 ) -> None:

@@ -75,7 +75,7 @@ def test_security_exposure_is_at_most_2(unit: str) -> None:
 
 def test_service_unit_settings() -> None:
     text = (UNITS / "edgeagent.service").read_text()
-    for setting in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RuntimeDirectory=",
+    for setting in ("Type=notify", "WatchdogSec=", "Restart=on-failure",
                     "StateDirectory=", "CacheDirectory=", "LoadCredential=mqtt-password",
                     "/etc/edgeagent/edgeagent.toml", "MemoryDenyWriteExecute=yes"):  # fmt: skip
         assert setting in text
