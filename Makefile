@@ -11,7 +11,7 @@ SOAK_ARGS ?=
 LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 
 .PHONY: run test lint typecheck model build-deps system-deps venv bench llama-server soak \
-	reliability-report install clean help
+	reliability-report fresh-box install clean help
 
 help:
 	@echo "make run    - set up everything, then run the daemon in the foreground"
@@ -22,6 +22,8 @@ help:
 	@echo "make soak   - 30 minutes of mixed load and faults, checked for losses and leaks"
 	@echo "              (not part of make test; SOAK_ARGS='--minutes 3' for a short one)"
 	@echo "make reliability-report - rebuild docs/reliability.md from run/reliability/"
+	@echo "make fresh-box - time make run and make test on a fresh Debian box from a clean clone"
+	@echo "              (needs root and the network; about 20 minutes; not part of make test)"
 
 venv: $(STAMP)
 
@@ -96,6 +98,9 @@ llama-server: $(STAMP)
 
 soak: $(STAMP) model system-deps
 	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
+
+fresh-box: $(STAMP) system-deps
+	$(BIN)/python scripts/fresh_box.py
 
 reliability-report: $(STAMP)
 	$(BIN)/python scripts/reliability_report.py

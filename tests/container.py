@@ -44,14 +44,23 @@ def missing_tools() -> list[str]:
     return sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
 
 
+def inside_a_box() -> bool:
+    """True inside a systemd-nspawn container, where another one cannot be booted here."""
+    try:
+        return Path("/run/host/container-manager").read_text().strip() == "systemd-nspawn"
+    except OSError:
+        return False
+
+
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "edgeagent" / "containers"
 
 
-def tree(log: Path) -> Path:
-    """The cached Debian tree (made by mmdebstrap on first use, about 30 s and 550 MB)."""
-    key = hashlib.sha256(f"{SUITE} {platform.machine()} {' '.join(PACKAGES)}".encode())
+def tree(log: Path, packages: tuple[str, ...] = PACKAGES) -> Path:
+    """The cached Debian tree with `packages` (made by mmdebstrap on first use: about 30 s and
+    550 MB with the default ones)."""
+    key = hashlib.sha256(f"{SUITE} {platform.machine()} {' '.join(packages)}".encode())
     path = cache_root() / f"{SUITE}-{key.hexdigest()[:12]}"
     if (path / MARKER).is_file():
         return path
@@ -64,14 +73,14 @@ def tree(log: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         with open(log, "ab") as out:
             res = subprocess.run(
-                ["mmdebstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
+                ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE,
                  str(tmp)],
                 stdout=out, stderr=subprocess.STDOUT, timeout=900, check=False,
             )  # fmt: skip
         if res.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise BoxError(f"mmdebstrap failed ({res.returncode}); see {log}")
-        (tmp / MARKER).write_text(f"{SUITE} {' '.join(PACKAGES)}\n")
+        (tmp / MARKER).write_text(f"{SUITE} {' '.join(packages)}\n")
         tmp.rename(path)
     return path
 

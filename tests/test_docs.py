@@ -22,6 +22,7 @@ from typing import NoReturn
 import pytest
 
 from edgeagent import cli, config, protocol
+from scripts.fresh_box import README_PACKAGES
 from tests.conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -299,3 +300,16 @@ def test_protocol_md_names_every_finish_reason() -> None:
     done = next(row for row in events if row[0] == "`done`")
     missing = sorted(r for r in reasons if f"`{r}`" not in done[1])
     assert not missing, f"{rel(PROTOCOL_MD)}: the done event's finish_reason omits {missing}"
+
+
+def test_readme_names_every_system_package_the_two_commands_need() -> None:
+    readme = (ROOT / "README.md").read_text()
+    apt_line = re.search(r"^sudo apt-get install ([^#\n]+)", readme, re.M)
+    assert apt_line, "README's two commands start with the packages a newcomer installs"
+    # scripts/fresh_box.py times the two commands on a box with exactly these.
+    assert tuple(apt_line.group(1).split()) == README_PACKAGES
+    # And whatever make installs by itself is said in README.
+    makefile = (ROOT / "Makefile").read_text()
+    installed = set(re.findall(r'missing="\$\$missing ([a-z0-9.+-]+)"', makefile))
+    assert {"python3-venv", "mosquitto", "mmdebstrap"} <= installed, installed
+    assert not sorted(p for p in installed if f"`{p}" not in readme and f" {p}" not in readme)
