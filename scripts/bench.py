@@ -19,7 +19,6 @@ import gc
 import getpass
 import json
 import os
-import platform
 import queue
 import shutil
 import socket
@@ -28,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import contextlib
-
 from edgeagent import __version__, models
+from tests.reliability import measured_by
 
 PROMPTS = [
     "What does a programmable logic controller do on a packaging line? Answer briefly.",
@@ -170,6 +169,29 @@ def daemon_run(
     return measure_stream(client.request(req), lambda e: e["event"] == "token")
 
 
+def daemon_hello(client: SocketClient, rid: str) -> None:
+    """The short request a daemon answers before each measured one (see schedule())."""
+    list(client.request({"id": rid, "prompt": "Hello", "max_tokens": 1}))
+
+
+def schedule(rounds: int, sides: list[str]) -> Iterator[tuple[int, str, str]]:
+    """(n, side, question) for each measured request: every round sends each prompt to every
+    side, rotating which side goes first.
+
+    The ticket number makes every question new, so only the chat template's preamble can be
+    reused (a daemon's slots and prompt cache would otherwise hold the earlier rounds'
+    questions). Before each one the caller sends its side the same short request ("Hello",
+    1 token), so every side starts from the same KV-cache state.
+    """
+    n = 0
+    for rnd in range(rounds):
+        for i, prompt in enumerate(PROMPTS):
+            shift = (rnd + i) % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                n += 1
+                yield n, side, f"Ticket {1000 + n}: {prompt}"
+
+
 def start_daemon(
     model_file: Path, workdir: Path, n_ctx: int, cpu: str, mqtt_port: int, name: str = "bench"
 ) -> tuple[subprocess.Popen[bytes], float, str]:
@@ -221,6 +243,7 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md (+ .png)")
     ap.add_argument("--no-hog", action="store_true", help="skip the CPU hog comparison")
     args = ap.parse_args()
+    origin = measured_by()  # at the start: the commit measured, not the tree --write leaves
 
     manifest = models.load_manifest()
     spec = manifest.get(manifest.default)
@@ -259,31 +282,22 @@ def main() -> int:
             results: dict[str, dict[str, list[float]]] = {
                 side: {"ttft": [], "tps": []} for side in sides
             }
-            n = 0
-            for rnd in range(args.rounds):
-                for i, prompt in enumerate(PROMPTS):
-                    shift = (rnd + i) % len(sides)
-                    for side in sides[shift:] + sides[:shift]:
-                        n += 1
-                        # Same KV-cache state on every side: the previous request each side saw
-                        # is this short one, and the ticket number makes every question new, so
-                        # only the chat template's preamble is reused (the daemon's slots and
-                        # prompt cache would otherwise hold the earlier rounds' questions).
-                        asked = f"Ticket {1000 + n}: {prompt}"
-                        if side == "raw":
-                            raw_run(llm, "Hello", 1)
-                        else:
-                            list(client.request({"id": f"c{n}", "prompt": "Hello",
-                                                 "max_tokens": 1}))  # fmt: skip
-                        if side == "raw":
-                            ttft, tps, _ = raw_run(llm, asked, args.max_tokens)
-                        elif side == "socket":
-                            ttft, tps, _ = daemon_run(client, f"b{n}", asked, args.max_tokens)
-                        else:
-                            assert mq is not None
-                            ttft, tps, _ = mq.run(f"m{n}", asked, args.max_tokens)
-                        results[side]["ttft"].append(ttft * 1000)
-                        results[side]["tps"].append(tps)
+            for n, side, asked in schedule(args.rounds, sides):
+                # Same KV-cache state on every side: the previous request each side saw is this
+                # short one, and the question is new (schedule()).
+                if side == "raw":
+                    raw_run(llm, "Hello", 1)
+                else:
+                    daemon_hello(client, f"c{n}")
+                if side == "raw":
+                    ttft, tps, _ = raw_run(llm, asked, args.max_tokens)
+                elif side == "socket":
+                    ttft, tps, _ = daemon_run(client, f"b{n}", asked, args.max_tokens)
+                else:
+                    assert mq is not None
+                    ttft, tps, _ = mq.run(f"m{n}", asked, args.max_tokens)
+                results[side]["ttft"].append(ttft * 1000)
+                results[side]["tps"].append(tps)
             daemon_rss = psutil.Process(proc.pid).memory_info().rss
             raw_rss = psutil.Process().memory_info().rss
         finally:
@@ -311,19 +325,14 @@ def main() -> int:
         ("daemon RSS under 750 MB", daemon_rss < 750e6, f"{daemon_rss / 1e6:.0f} MB"),
         ("start to ready under 2 s (model cached)", ready_s < 2.0, f"{ready_s:.2f} s"),
     ]  # fmt: skip
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+    # Date, command, commit and machine, then what ran: every table's section opens with it.
+    stack = (
+        f"{origin}; edgeagent {__version__}, llama-cpp-python {llama_version}; "
+        f"model {spec.name}, n_ctx {args.n_ctx}"
+    )
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} by `scripts/bench.py` on {cpu}, "
-        f"{psutil.cpu_count()} cores; edgeagent {__version__}, llama-cpp-python {llama_version}; "
-        f"model {spec.name}, n_ctx {args.n_ctx}, {args.threads} threads, greedy, "
-        f"max_tokens {args.max_tokens}; {args.rounds} rounds x {len(PROMPTS)} prompts per side, "
-        "order alternating.",
+        f"{stack}, {args.threads} threads, greedy, max_tokens {args.max_tokens}; "
+        f"{args.rounds} rounds x {len(PROMPTS)} prompts per side, order alternating.",
         "",
         "| path | TTFT p50 (ms) | TTFT p90 (ms) | tokens/s p50 | tokens/s mean |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -343,7 +352,7 @@ def main() -> int:
     ]
     hog_results: dict[str, dict[str, list[float]]] = {}
     if len(os.sched_getaffinity(0)) >= 2 and not args.no_hog:
-        hog_lines, hog_results = hog_comparison(model_file, args)
+        hog_lines, hog_results = hog_comparison(model_file, args, stack)
         lines += ["", *hog_lines]
     report = "\n".join(lines)
     print(report)
@@ -356,13 +365,15 @@ HOG = "import time\nwhile True:\n    time.perf_counter()\n"
 
 
 def hog_comparison(
-    model_file: Path, args: argparse.Namespace
+    model_file: Path, args: argparse.Namespace, stack: str
 ) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
     """Tokens/s beside a CPU hog: unpinned (threads on every core) vs pinned (a free core).
 
     The hog stands for line-control software that owns one core (pinned to it, as such
     software usually is). Unpinned, one of llama.cpp's threads shares the hog's core and
-    every decode step waits for it; pinned, inference keeps to the other cores.
+    every decode step waits for it; pinned, inference keeps to the other cores. The questions
+    are new each time, as in main()'s comparison (schedule()). `stack` opens the section's
+    text: where and with what it was measured.
     """
     allowed = sorted(os.sched_getaffinity(0))
     hog_core, rest = allowed[0], allowed[1:]
@@ -380,18 +391,11 @@ def hog_comparison(
         os.sched_setaffinity(hog.pid, {hog_core})
         try:
             clients = {name: SocketClient(d[2]) for name, d in daemons.items()}
-            n = 0
-            for rnd in range(args.rounds):
-                for i, prompt in enumerate(PROMPTS):
-                    order = list(configs) if (rnd + i) % 2 == 0 else list(configs)[::-1]
-                    for name in order:
-                        n += 1
-                        list(clients[name].request({"id": f"c{n}", "prompt": "Hello",
-                                                    "max_tokens": 1}))  # fmt: skip
-                        ttft, tps, _ = daemon_run(clients[name], f"h{n}", prompt,
-                                                  args.max_tokens)  # fmt: skip
-                        results[name]["ttft"].append(ttft * 1000)
-                        results[name]["tps"].append(tps)
+            for n, name, asked in schedule(args.rounds, list(configs)):
+                daemon_hello(clients[name], f"c{n}")
+                ttft, tps, _ = daemon_run(clients[name], f"h{n}", asked, args.max_tokens)
+                results[name]["ttft"].append(ttft * 1000)
+                results[name]["tps"].append(tps)
         finally:
             hog.kill()
             hog.wait()
@@ -401,8 +405,10 @@ def hog_comparison(
     un_t, pin_t = summarize(results["unpinned"]["ttft"]), summarize(results["pinned"]["ttft"])
     un_s, pin_s = summarize(results["unpinned"]["tps"]), summarize(results["pinned"]["tps"])
     lines = [
-        f"With a CPU hog pinned to core {hog_core} (a busy loop standing for line-control "
-        "software), same prompts, over the socket:",
+        f"{stack}, greedy, max_tokens {args.max_tokens}; {args.rounds} rounds x {len(PROMPTS)} "
+        "prompts per placement, order alternating. With a CPU hog pinned to core "
+        f"{hog_core} (a busy loop standing for line-control software), the same questions "
+        "over the socket:",
         "",
         "| placement | TTFT p50 (ms) | tokens/s p50 | tokens/s mean |",
         "| --- | ---: | ---: | ---: |",
@@ -413,10 +419,9 @@ def hog_comparison(
         "",
         f"Pinned decodes {pin_s['p50'] / un_s['p50']:.1f}x as fast as unpinned beside the hog.",
         "",
-        "These prompts carry no ticket numbers and repeat every round, so after the first round "
-        "each daemon reads them from cells it already holds (its slots or prompt cache): the "
-        "TTFT here is a cached prompt's and cannot be compared with the TTFT of the table "
-        "above; tokens/s is what this comparison measures.",
+        "These prompts are new each time, like the main table's: each question carries its own "
+        "ticket number, so a daemon can reuse only the chat template's preamble and the TTFT "
+        "here is a new prompt's, read beside the hog.",
     ]
     return lines, results
 

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgeagent import __version__, models
+from tests.reliability import measured_by
 
 MARK_BEGIN = "<!-- concurrency:begin -->"
 MARK_END = "<!-- concurrency:end -->"
@@ -547,6 +548,7 @@ def main() -> int:
     ap.add_argument("--restarts", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md (+ png)")
     args = ap.parse_args()
+    origin = measured_by()  # at the start: the commit measured, not the tree --write leaves
 
     spec = models.load_manifest().get(models.load_manifest().default)
     model_file = models.fetch(spec)
@@ -581,7 +583,9 @@ def main() -> int:
                         flush=True,
                     )
         restart = restart_experiment(model_file, workdir, args)
-    report, checks = render(results, restart, steps, args, llama_server is not None)
+    report, checks = render(
+        results, restart, steps, args, llama_server is not None, origin, spec.name
+    )
     print(report)
     if args.write:
         write_docs(report, results)
@@ -594,13 +598,19 @@ def render(
     steps: dict[str, dict[int, float]],
     args: argparse.Namespace,
     have_llama_server: bool,
+    origin: str,
+    model: str,
 ) -> tuple[str, list[tuple[str, bool, str]]]:
+    """The report; `origin` is measured_by()'s opening (date, command, commit, machine), which
+    every table's section repeats with what ran."""
     import llama_cpp
 
+    stack = (
+        f"{origin}; edgeagent {__version__}, llama-cpp-python {llama_cpp.__version__}; "
+        f"model {model}, {args.threads} threads"
+    )
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} by `scripts/bench_concurrency.py` on "
-        f"{psutil.cpu_count()} cores; edgeagent {__version__}, llama-cpp-python "
-        f"{llama_cpp.__version__}; {args.threads} threads, {args.slots} slots of n_ctx "
+        f"{stack}, {args.slots} slots of n_ctx "
         f"{args.n_ctx} on every server, greedy, max_tokens {args.max_tokens}, each client sends "
         f"{args.per_client} requests back to back. The questions are {len(TOPICS)} "
         f"troubleshooting questions in turn, so servers that keep earlier prompts' cells "
@@ -621,6 +631,7 @@ def render(
             )
     lines += [
         "",
+        f"{stack}, n_ctx {args.n_ctx} per sequence. "
         "What one decode step costs here: one `llama_decode` giving n sequences one token "
         "each (median of 15, nothing else running); n streams can decode at most "
         "n x 1000 / ms tokens/s, which caps what any server can gain from batching on this "
@@ -687,8 +698,8 @@ def render(
     }
     lines += [
         "",
-        f"First request after a restart (median of {args.restarts} restarts; n_ctx "
-        f"{args.n_ctx_system}, max_tokens 8):",
+        f"{stack}, {args.slots} slots of n_ctx {args.n_ctx_system}, greedy, max_tokens 8. "
+        f"First request after a restart (median of {args.restarts} restarts):",
         "",
         "| daemon | start to ready (s) | TTFT (ms) | prompt_ms in done | prompt tokens | "
         "evaluated | usage.cache |",

@@ -2,7 +2,8 @@
 
 Each scenario calls `record(...)` once it has asserted its outcome; the rows go to
 `run/reliability/<scenario>.json` (or $EDGEAGENT_RELIABILITY_DIR), and
-`scripts/reliability_report.py` turns them into the table in docs/reliability.md.
+`scripts/reliability_report.py` turns them into the table in docs/reliability.md. The benchmark
+scripts open each of their tables with `measured_by()`, from the same `provenance()`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,9 @@ def provenance() -> dict[str, str]:
         return res.stdout.strip() if res.returncode == 0 else ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    # Changes to the documents alone change nothing measured: a benchmark that has just
+    # rewritten docs/benchmarks.md still ran the committed code.
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs", ":!*.md"):
         commit += "+changes"
     fields: dict[str, str] = {}
     try:
@@ -45,6 +51,23 @@ def provenance() -> dict[str, str]:
     if "cpu family" in fields and "model" in fields:
         cpu += f" (family {fields['cpu family']}, model {fields['model']})"
     return {"commit": commit, "machine": f"{cpu}, {len(os.sched_getaffinity(0))} cores"}
+
+
+def measured_by(argv: Sequence[str] | None = None) -> str:
+    """How a benchmark's figures open: the date (UTC), the command as it was run (the script's
+    path from the repository's root, then its arguments; sys.argv by default), the commit and
+    the machine, from `provenance()`. Call it when the run starts, before --write touches the
+    tree."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]).resolve()
+    if script.is_relative_to(ROOT):
+        script = script.relative_to(ROOT)
+    command = shlex.join([str(script), *argv[1:]])
+    where = provenance()
+    return (
+        f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} (UTC) by `{command}` at commit "
+        f"{where['commit']} on {where['machine']}"
+    )
 
 
 def results_dir() -> Path:
