@@ -54,14 +54,16 @@ build-deps:
 			$$missing; \
 	fi
 
-# What the test suite runs besides Python: brokers and MQTT clients, systemd's tools,
-# openssl for the TLS tests' certificates, and what boots the Debian box the real-systemd
-# tests install edgeagent into (mmdebstrap, systemd-nspawn; tests/container.py).
+# What the test suite runs besides Python: brokers and MQTT clients, systemd's tools (and
+# procps: `systemd-analyze verify` wants the unit's ExecReload=/bin/kill to exist), openssl
+# for the TLS tests' certificates, and what boots the Debian box the real-systemd tests
+# install edgeagent into (mmdebstrap, systemd-nspawn; tests/container.py).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
 	command -v mosquitto_rr >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	test -x /bin/kill || missing="$$missing procps"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
 	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
