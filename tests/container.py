@@ -161,10 +161,14 @@ class Box:
                 raise BoxError(f"no init in the box: {self.boot_log()}")
             self.leader = _child_named(self.proc.pid, "systemd")
             time.sleep(0.1)
-        state = self.run("systemctl", "is-system-running", "--wait", check=False,
-                         timeout=max(1.0, deadline - time.monotonic()))  # fmt: skip
+        while True:  # until systemd in the box answers at all (its bus comes up a little late)
+            state = self.run("systemctl", "is-system-running", "--wait", check=False,
+                             timeout=max(1.0, deadline - time.monotonic()))  # fmt: skip
+            if state.stdout.strip() or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         if state.stdout.strip() not in ("running", "degraded"):
-            raise BoxError(f"the box did not boot: {state.stdout} {self.boot_log()}")
+            raise BoxError(f"the box did not boot: {state.stdout} {state.stderr} {self.boot_log()}")
         self.run("update-ca-certificates")
         return self
 
