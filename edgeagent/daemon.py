@@ -32,9 +32,9 @@ EXIT_LISTEN = 4
 EXIT_SPOOL = 5
 STATUS_INTERVAL_S = 5.0
 ENGINE_JOIN_S = 2.0  # at exit, for the inference thread to leave its last llama.cpp call
-# At a stop, how long open connections stay served once nothing runs: the lines of terminals
+# At a stop, how long requests on open connections are still taken: the lines of terminals
 # accepted just before it (a restart's) are read and answered, not refused.
-STOP_QUIET_S = 0.5
+STOP_GRACE_S = 0.5
 THREAD_AFFINITY_TTL_S = 1.0  # how old the threads' affinities in `status` may be
 
 # Keys SIGHUP may change in a running daemon; anything else needs a restart.
@@ -330,7 +330,7 @@ async def serve(cfg: Config, started: float) -> int:
     await server.stop_listening()
     if link is not None:
         link.stop_accepting()
-    cancelled = await dispatcher.drain(drain_s, STOP_QUIET_S)
+    cancelled = await dispatcher.drain(drain_s, STOP_GRACE_S)
     await asyncio.sleep(0.05)  # let the last events reach the sockets
     server.close_connections()
     if escalator is not None:

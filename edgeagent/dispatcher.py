@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import json
 import logging
@@ -232,34 +231,28 @@ class Dispatcher:
     def is_inflight(self, sink: ReplySink, rid: str) -> bool:
         return (sink.scope, rid) in self._inflight
 
-    async def drain(self, timeout: float, quiet: float = 0.0) -> int:
+    async def drain(self, timeout: float, grace: float = 0.0) -> int:
         """Let in-flight requests finish for up to `timeout` s, cancel the rest.
 
         The transports have stopped taking new clients (a restart's terminals wait in the
-        socket's backlog for the next instance). Until nothing has run for `quiet` s, requests
-        on connections already open are still served: a terminal accepted just before the
-        stop has sent its line but it was not read yet, and refusing it would lose a
-        restart's request. After that, new requests get `busy`. Returns how many requests had
-        to be cancelled.
+        socket's backlog for the next instance). For the first `grace` s, requests on
+        connections already open are still taken: a terminal accepted just before the stop
+        has sent its line, but it was read after, and refusing it would lose a restart's
+        request. Later requests get `busy`. Returns how many requests had to be cancelled.
         """
         self.stopping = True
         deadline = self.loop.time() + timeout
+        try:
+            if min(grace, timeout) > 0:
+                await asyncio.sleep(min(grace, timeout))
+        finally:
+            self.accepting = False
         left: list[_Inflight] = []
-        while True:
-            remaining = deadline - self.loop.time()
-            if not self.idle.is_set():
-                if remaining <= 0:
-                    left = list(self._inflight.values())
-                    break
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.idle.wait(), remaining)
-                continue
-            if min(quiet, remaining) <= 0:
-                break
-            await asyncio.sleep(min(quiet, remaining))
-            if self.idle.is_set():
-                break
-        self.accepting = False
+        if not self.idle.is_set():
+            try:
+                await asyncio.wait_for(self.idle.wait(), max(0.0, deadline - self.loop.time()))
+            except asyncio.TimeoutError:
+                left = list(self._inflight.values())
         if not left:
             return 0
         for entry in left:

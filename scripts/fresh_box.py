@@ -19,6 +19,7 @@ minutes on 2 cores. Writes run/fresh-box.json and the logs beside it, and prints
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -109,12 +110,13 @@ def time_make_run(box: container.Box, out: Path) -> tuple[float, str]:
                 raise SystemExit("make run did not answer within an hour")
             time.sleep(1)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as the newcomer would
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # make run may have ended by itself
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as the newcomer would
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def time_make_test(box: container.Box, out: Path) -> dict[str, object]:

@@ -180,6 +180,8 @@ cmp -s "$SRC/systemd/edgeagent.socket" "$UNIT_DIR/edgeagent.socket" && socket_ch
 install -m 0644 "$SRC/systemd/edgeagent.service" "$SRC/systemd/edgeagent.socket" "$UNIT_DIR/"
 if have_systemd; then
   systemctl daemon-reload
+  # Earlier units made /run/edgeagent the service's (RuntimeDirectory=); it is the socket's now.
+  if [ -d /run/edgeagent ]; then chown root:root /run/edgeagent; chmod 0755 /run/edgeagent; fi
   systemctl enable edgeagent.socket edgeagent.service
   if [ "$socket_changed" = yes ] || ! systemctl is-active --quiet edgeagent.socket; then
     systemctl restart edgeagent.socket edgeagent.service

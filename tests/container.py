@@ -176,7 +176,7 @@ class Box:
             input: Optional[str] = None, env: Optional[dict[str, str]] = None,
             ) -> subprocess.CompletedProcess[str]:  # fmt: skip
         """`cmd` inside the box, as root, with a clean environment."""
-        assert self.leader, "the box is not running"
+        self._alive()
         environ = {"PATH": BOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", **(env or {})}
         args = ["nsenter", "-t", str(self.leader), "-a", "-r", "-w", "env", "-i",
                 *(f"{k}={v}" for k, v in environ.items()), *cmd]  # fmt: skip
@@ -200,7 +200,16 @@ class Box:
 
     def path(self, inside: str) -> Path:
         """A file of the box, seen from the host."""
+        self._alive()
         return Path(f"/proc/{self.leader}/root") / inside.lstrip("/")
+
+    def _alive(self) -> None:
+        """Refuse to act unless the leader is still the box's init: were it gone and its pid
+        reused, nsenter and /proc/<pid>/root would reach the host itself."""
+        if not self.leader or self.proc is None or self.proc.poll() is not None:
+            raise BoxError("the box is not running")
+        if not Path(f"/proc/{self.leader}/root/{MARKER}").is_file():
+            raise BoxError(f"process {self.leader} is not the box's init any more")
 
     def host_pid(self, pid: int) -> int:
         """The host's pid of the box's process `pid`."""
@@ -223,8 +232,16 @@ class Box:
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                # Killing the box's PID 1 ends every process in it; killing nspawn alone
+                # would leave them running (with --keep-unit no scope collects them).
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.leader, signal.SIGKILL)
+                self.proc.wait(30)
+        deadline = time.monotonic() + 30
+        while self.leader and Path(f"/proc/{self.leader}").exists():
+            if time.monotonic() > deadline:
+                raise BoxError(f"the box's init {self.leader} did not end; left mounted")
+            time.sleep(0.1)
         self.leader = 0
         if self._mounted:
             res = subprocess.run(["umount", str(self.root)], capture_output=True, check=False)

@@ -26,6 +26,7 @@ from tests import container
 from tests.conftest import ROOT, Conn, openai_stand_in
 from tests.container import Box
 from tests.mqtt_helpers import Broker
+from tests.reliability import record
 
 pytestmark = [
     pytest.mark.skipif(
@@ -222,6 +223,19 @@ def test_restart_while_terminals_connect_refuses_none_and_answers_every_request(
     failed = [o for o in outcomes if o[1] != "done"]
     assert not failed, (failed, len(outcomes))
     assert edge.systemctl("is-active", "edgeagent.socket") == "active"
+    assert len({rid for rid, _ in outcomes}) == len(outcomes)
+    record(
+        "systemd: restarts while terminals connect",
+        category="process",
+        load="3 terminals connecting in a loop, one 4-token request per connection",
+        faults="systemctl restart x2, then an upgrade (install.sh again), under systemd as PID 1",
+        inputs="valid requests",
+        accepted=len(outcomes),
+        answered=len(outcomes) - len(failed),
+        lost=0,
+        duplicated=0,
+        figures={"restarts": 3, "instances": len(set(pids)), "refused_connections": 0},
+    )
 
 
 def six_more_answers(outcomes: list[tuple[str, str]]) -> None:
@@ -278,6 +292,18 @@ def test_stop_with_requests_in_flight_answers_each_and_exits_zero(edge: Box) -> 
     assert edge.show("edgeagent.service", "ExecMainStatus") == "0"
     assert edge.show("edgeagent.service", "Result") == "success"
     assert "Traceback" not in edge.journal("edgeagent.service")
+    record(
+        "systemd: systemctl stop with requests in flight",
+        category="process",
+        load="3 requests of up to 64 tokens, each on its own connection",
+        faults="systemctl stop edgeagent.service once all three are under way",
+        inputs="valid requests",
+        accepted=len(finals),
+        answered=len(finals),
+        lost=0,
+        duplicated=0,
+        figures={"done": sum(f["event"] == "done" for f in finals), "exit_status": 0},
+    )
 
 
 def test_an_invalid_config_fails_the_start_once_with_its_key(edge: Box) -> None:

@@ -79,6 +79,12 @@ def test_service_unit_settings() -> None:
                     "StateDirectory=", "CacheDirectory=", "LoadCredential=mqtt-password",
                     "/etc/edgeagent/edgeagent.toml", "MemoryDenyWriteExecute=yes"):  # fmt: skip
         assert setting in text
+    # /run/edgeagent is the socket unit's, and a service restart must leave the socket
+    # listening (test_real_systemd shows what each did under a real systemd).
+    active = [line for line in text.splitlines() if not line.startswith("#")]
+    assert not [line for line in active if line.startswith("RuntimeDirectory")]
+    socket_unit = (UNITS / "edgeagent.socket").read_text().splitlines()
+    assert not [line for line in socket_unit if line.startswith(("PartOf=", "BindsTo="))]
     # Exits that a restart cannot fix (each restart would load the model again, every 2 s).
     prevent = re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M)
     assert prevent, text
