@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 SOAK_ARGS ?=
 LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: run test lint typecheck model build-deps system-deps venv bench llama-server soak \
+.PHONY: run test lint typecheck model build-deps system-deps venv bench llama-server llama-bench soak \
 	reliability-report fresh-box install clean help
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make bench  - benchmark the daemon against raw llama-cpp-python, llama_cpp.server and"
 	@echo "              llama-server (one client, then 1-8 concurrent clients)"
 	@echo "make llama-server - build llama.cpp's llama-server (the benchmark's reference), print its path"
+	@echo "make llama-bench  - build llama.cpp's llama-bench the same way, print its path"
 	@echo "make soak   - 30 minutes of mixed load and faults, checked for losses and leaks"
 	@echo "              (not part of make test; SOAK_ARGS='--minutes 3' for a short one)"
 	@echo "make reliability-report - rebuild docs/reliability.md from run/reliability/"
@@ -97,6 +98,10 @@ bench: $(STAMP) model
 # the wheel; prints the binary's path (alone on stdout with `make -s llama-server`).
 llama-server: $(STAMP)
 	@scripts/build-llama-server.sh $(LLAMA_VERSION) $(BIN)/python
+
+# llama.cpp's llama-bench, built the same way: llama.cpp's own prompt and decode speed here.
+llama-bench: $(STAMP)
+	@scripts/build-llama-server.sh $(LLAMA_VERSION) $(BIN)/python llama-bench
 
 soak: $(STAMP) model system-deps
 	$(BIN)/python scripts/soak.py $(SOAK_ARGS)

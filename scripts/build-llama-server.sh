@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own `llama-server` once per (version, CPU feature set) into a cache that
-# every checkout on this box shares, and print the binary's path. The benchmark runs it beside
-# the daemon as the reference: llama.cpp's server with parallel slots and continuous batching.
+# Build one of llama.cpp's own tools (default `llama-server`) once per (version, CPU feature
+# set) into a cache that every checkout on this box shares, and print the binary's path. The
+# benchmarks run them beside the daemon as references: llama-server (parallel slots and
+# continuous batching) and llama-bench (llama.cpp's own prompt and decode speed).
 #
-#     scripts/build-llama-server.sh VERSION [PYTHON]      (or: make llama-server)
+#     scripts/build-llama-server.sh VERSION [PYTHON [TOOL]]   (or: make llama-server, make llama-bench)
 #
 # The sources are the llama.cpp that llama-cpp-python VERSION vendors (its sdist, from the
 # package index), so the server runs the same llama.cpp as the wheel, built with the same CPU
@@ -18,8 +19,13 @@
 #     llama-server -m MODEL -np 4 -c 4096 --no-kv-unified -t 2 --no-webui --port PORT
 set -euo pipefail
 
-VERSION=${1:?usage: build-llama-server.sh VERSION [PYTHON]}
+VERSION=${1:?usage: build-llama-server.sh VERSION [PYTHON [TOOL]]}
 PYTHON=${2:-python3}
+TOOL=${3:-llama-server}
+case "$TOOL" in
+  llama-server|llama-bench) ;;
+  *) echo "unknown tool $TOOL (llama-server or llama-bench)" >&2; exit 2 ;;
+esac
 JOBS=${LLAMA_BUILD_JOBS:-2}
 
 cpu_args=$("$(dirname "$0")/llama-cmake-args.sh")
@@ -30,15 +36,15 @@ args+=" -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF"
 
 key=$(printf '%s %s %s' "$VERSION" "$(uname -m)" "$args" | sha256sum | cut -c1-16)
 dir="${XDG_CACHE_HOME:-$HOME/.cache}/edgeagent/llama-server/$key"
-bin="$dir/llama-server"
+bin="$dir/$TOOL"
 if [[ -x "$bin" ]]; then
   echo "$bin"
   exit 0
 fi
 
-echo "building llama-server from llama-cpp-python $VERSION's llama.cpp (several minutes)" >&2
+echo "building $TOOL from llama-cpp-python $VERSION's llama.cpp (several minutes)" >&2
 echo "cmake args: $args" >&2
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/llama-server-build.XXXXXX")
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/$TOOL-build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 start=$(date +%s)
 
@@ -60,12 +66,12 @@ fi
 
 # shellcheck disable=SC2086  # $args is a list of words
 "$cmake" -S "$tmp/src" -B "$tmp/build" $args >&2
-"$cmake" --build "$tmp/build" --target llama-server -j"$JOBS" >&2
-"$tmp/build/bin/llama-server" --version >&2
+"$cmake" --build "$tmp/build" --target "$TOOL" -j"$JOBS" >&2
+"$tmp/build/bin/$TOOL" --help >/dev/null 2>&1  # runs at all (llama-bench has no --version)
 
 # Into the cache atomically: copy next to the final name (same filesystem), then rename.
 mkdir -p "$dir"
-cp "$tmp/build/bin/llama-server" "$bin.tmp.$$"
+cp "$tmp/build/bin/$TOOL" "$bin.tmp.$$"
 mv -f "$bin.tmp.$$" "$bin"
 echo "built $bin in $(($(date +%s) - start)) s" >&2
 echo "$bin"
