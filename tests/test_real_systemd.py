@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from edgeagent.cpu import thread_affinities
 from tests import container
 from tests.conftest import ROOT, Conn, openai_stand_in
 from tests.container import Box
@@ -68,11 +69,10 @@ def seed(box: Box, model_file: Path) -> None:
     pack = subprocess.run(["tar", "--null", "-T", "-", "-cf", "-"], input=existing,
                           cwd=ROOT, capture_output=True, check=True)  # fmt: skip
     subprocess.run(["tar", "-xf", "-", "-C", str(dest)], input=pack.stdout, check=True)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeagent"
     wheels = box.path("/var/cache/edgeagent-build/edgeagent/wheels")
     wheels.mkdir(parents=True)
-    for key in (cache / "wheels").iterdir():
-        if key.is_dir() and not key.name.endswith(tuple(".tmp." + c for c in "0123456789")):
+    for key in (container.cache_root().parent / "wheels").iterdir():
+        if key.is_dir() and ".tmp." not in key.name:  # not a build of scripts/build-llama.sh
             subprocess.run(["cp", "-r", str(key), str(wheels)], check=True)
     models = box.path("/var/lib/edgeagent/models")
     models.mkdir(parents=True)
@@ -116,7 +116,18 @@ def configure(box: Box, text: str) -> None:
     box.path(CONFIG).write_text(text)
     box.run("/opt/edgeagent/venv/bin/edgeagent", "config", "check", CONFIG)
     box.systemctl("restart", "edgeagent.service")
-    wait_for(lambda: box.systemctl("is-active", "edgeagent.service", check=False) == "active")
+    wait_active(box)
+
+
+def drop_in(box: Box, service_lines: str) -> None:
+    """A drop-in for edgeagent.service (the `edge` fixture removes it after the test)."""
+    box.path(DROP_IN).parent.mkdir(exist_ok=True)
+    box.path(DROP_IN).write_text(f"[Service]\n{service_lines}\n")
+    box.systemctl("daemon-reload")
+
+
+def wait_active(box: Box, unit: str = "edgeagent.service") -> None:
+    wait_for(lambda: box.systemctl("is-active", unit, check=False) == "active", what=unit)
 
 
 def wait_for(condition: Any, timeout: float = 60, what: str = "") -> None:
@@ -354,14 +365,11 @@ while left:  # reap them when the watchdog's kill ends them, or their process st
 
 
 def test_the_watchdog_restarts_a_hung_inference(edge: Box) -> None:
-    edge.path(DROP_IN).parent.mkdir(exist_ok=True)
-    edge.path(DROP_IN).write_text("[Service]\nWatchdogSec=4s\n")
-    edge.systemctl("daemon-reload")
+    drop_in(edge, "WatchdogSec=4s")
     configure(edge, base_config(stall_timeout_s=1.0))
     pid, restarts = main_pid(edge), int(edge.show("edgeagent.service", "NRestarts"))
     host_pid = edge.host_pid(pid)
-    tids = [int(t.name) for t in Path(f"/proc/{host_pid}/task").iterdir()
-            if (t / "comm").read_text().strip() == "ea-inference"]  # fmt: skip
+    tids = [tid for tid, name, _ in thread_affinities(host_pid) if name == "ea-inference"]
     assert tids  # the inference thread and llama.cpp's workers it started
     since = time.time()
     tracer = None
@@ -379,7 +387,7 @@ def test_the_watchdog_restarts_a_hung_inference(edge: Box) -> None:
     assert "no longer feeding the watchdog" in journal, journal
     assert "Watchdog timeout" in journal, journal
     assert int(edge.show("edgeagent.service", "NRestarts")) == restarts + 1
-    wait_for(lambda: edge.systemctl("is-active", "edgeagent.service", check=False) == "active")
+    wait_active(edge)
     assert ask(edge, "after-hang")[-1]["event"] == "done"
 
 
@@ -397,19 +405,12 @@ def test_systemd_narrows_the_cores_edgeagent_pins_to(edge: Box, setting: str) ->
             "the box cgroup v1 (hybrid), where systemd ignores it"
         )
     core = cores[-1]
-    edge.path(DROP_IN).parent.mkdir(exist_ok=True)
-    edge.path(DROP_IN).write_text(f"[Service]\n{setting}={core}\n")
-    edge.systemctl("daemon-reload")
+    drop_in(edge, f"{setting}={core}")
     edge.systemctl("restart", "edgeagent.service")
-    wait_for(lambda: edge.systemctl("is-active", "edgeagent.service", check=False) == "active")
+    wait_active(edge)
     assert ask(edge, "pinned")[-1]["event"] == "done"
-    host_pid = edge.host_pid(main_pid(edge))
-    allowed = {}
-    for task in Path(f"/proc/{host_pid}/task").iterdir():
-        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines()
-                      if ":\t" in line)  # fmt: skip
-        allowed[task.name] = status["Cpus_allowed_list"].strip()
-    assert set(allowed.values()) == {str(core)}, allowed
+    allowed = {tid: cores for tid, _, cores in thread_affinities(edge.host_pid(main_pid(edge)))}
+    assert set(allowed.values()) == {(core,)}, allowed
     with Conn(str(edge.path(SOCK))) as c:
         placement = c.op("status")["cpu"]
     assert (placement["inference_cores"], placement["io_cores"]) == (str(core), str(core))
@@ -435,8 +436,7 @@ def test_the_cloud_worker_unit_serves_an_escalation(edge: Box, cloud: tuple[Brok
     )
     edge.path("/etc/edgeagent/worker.toml").chmod(0o644)
     edge.run("bash", INSTALL, "--worker", timeout=900)  # now it starts the worker
-    wait_for(lambda: edge.systemctl("is-active", "edgeagent-cloud-worker.service",
-                                    check=False) == "active")  # fmt: skip
+    wait_active(edge, "edgeagent-cloud-worker.service")
     configure(
         edge,
         base_config() + f'[cloud]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}\n'
