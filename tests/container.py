@@ -161,14 +161,24 @@ class Box:
                 raise BoxError(f"no init in the box: {self.boot_log()}")
             self.leader = _child_named(self.proc.pid, "systemd")
             time.sleep(0.1)
-        while True:  # until systemd in the box answers at all (its bus comes up a little late)
+        # systemctl says "offline" (or nothing) until the box's systemd has made
+        # /run/systemd/system and its bus; on a slow or cold machine that is seconds after
+        # the process appears, so both mean "not yet", not "failed".
+        started, states = time.monotonic(), []
+        while True:
             state = self.run("systemctl", "is-system-running", "--wait", check=False,
                              timeout=max(1.0, deadline - time.monotonic()))  # fmt: skip
-            if state.stdout.strip() or time.monotonic() > deadline:
+            states.append(state.stdout.strip() or state.stderr.strip()[:80])
+            if state.stdout.strip() not in ("", "offline") or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         if state.stdout.strip() not in ("running", "degraded"):
-            raise BoxError(f"the box did not boot: {state.stdout} {state.stderr} {self.boot_log()}")
+            seen = self.run("ps", "-eo", "pid,stat,comm", check=False).stdout
+            raise BoxError(
+                f"the box did not boot in {time.monotonic() - started:.1f} s; systemctl said "
+                f"{sorted(set(states))} ({len(states)} tries)\n{state.stderr}\n"
+                f"processes in the box:\n{seen}\n{self.boot_log()}"
+            )
         self.run("update-ca-certificates")
         return self
 
