@@ -77,7 +77,8 @@ class EngineConfig:
     )  # fmt: skip
     batch_invariant: bool = _f(
         True,
-        doc="same greedy output alone or batched (off: repacked kernels and flash attention)",
+        doc="same greedy output alone or batched, cached or not (off: llama.cpp's own kernel "
+        "choice, flash attention and repacked weights)",
     )
     prefix_cache_dir: str = _f(
         "", doc='system-prompt snapshots; "" = $CACHE_DIRECTORY/prefix or ~/.cache, "off" = none'

@@ -1,18 +1,28 @@
 """The llama.cpp context behind the engine: one KV sequence per slot, one decode step for all.
 
 Each slot owns a KV sequence in its own stream (`kv_unified = false`), so a sequence's cells sit
-at the same places whether it runs alone or beside others, and the matrix kernels are chosen so
-that no sum depends on the batch size: greedy output does not depend on what else is in the
-batch. llama.cpp decodes streams together only when their sequence ids are consecutive, so the
-engine keeps its running slots at the lowest ids (`swap`). Everything here runs on the
-inference thread only.
+at the same places whether it runs alone or beside others. llama.cpp decodes streams together
+only when their sequence ids are consecutive, so the engine keeps its running slots at the
+lowest ids (`swap`). Everything here runs on the inference thread only.
+
+Batch invariance (greedy output that does not depend on what else is in the batch) comes from
+which kernel computes each row. With flash attention and repacked weights off, every kernel
+gives a row the same result whatever other rows share its call, with one exception: llama.cpp's
+tiled K-quant matmul takes over from TILED_MIN_ROWS rows up and rounds differently from the
+row-by-row kernel below that. So a step is split into calls by the rows' roles (`steps`):
+tokens the model writes (decoded tokens, and an assistant turn's text when a prompt brings it
+back) are computed in calls of fewer rows, row by row; all other prompt tokens in calls of at
+least TILED_MIN_ROWS rows, tiled (padded with throwaway rows when fewer). A token's cells are
+then the same however the prompt was chunked, whatever decoded beside it, and whether they
+were cached or computed again.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,11 +30,67 @@ from typing import Any, Optional
 # Sampling defaults shared with llama-cpp-python's chat completion, so that a request and the
 # same request through raw llama-cpp-python sample the same way.
 TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
-TILED_ENV, TILED_MODE = "GGML_CPU_TILED_MM", "0"
+# ggml's tiled K-quant matmul (x86) computes a matmul from this many rows up
+# (ggml_tiled_min_batch in ggml-cpu/tiled/tiled.cpp); tests/test_batch_invariance.py fails if
+# a llama.cpp upgrade moves it.
+TILED_MIN_ROWS = 8
+# (slot, tokens, want_logits): one sequence's part of a llama_decode call
+Feed = tuple["Slot", list[int], bool]
+
+
+def _env_int(name: str, default: int) -> int:
+    """The variable as C's atoi reads it (ggml does): leading digits, else 0."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    digits = re.match(r"\s*[+-]?\d+", value)
+    return int(digits.group()) if digits else 0
+
+
+def kernel_tag(batch_invariant: bool, system_info: str) -> str:
+    """Which matmul kernels compute a context's rows, also for saved cells that must match
+    freshly computed ones (prefix snapshots):
+    - "" with llama.cpp's own choices (batch_invariant off; flash attention and repacked
+      weights are recorded apart);
+    - "rowwise" where the tiled K-quant matmul is off (GGML_CPU_TILED_MM=0) or not built (it
+      needs AVX on x86): every row row by row, one call per step is invariant;
+    - "tiled" with GGML_CPU_TILED_MM_FORCE=1: every row tiled, one call per step too (decoding
+      is slower);
+    - "roles<N>": prompt text tiled in calls of at least N rows, the model's words row by row.
+    """
+    if not batch_invariant:
+        return ""
+    if _env_int("GGML_CPU_TILED_MM", 1) == 0 or not re.search(r"\bAVX\w* = 1", system_info):
+        return "rowwise"
+    if _env_int("GGML_CPU_TILED_MM_FORCE", 0) == 1:
+        return "tiled"
+    return f"roles{TILED_MIN_ROWS}"
+
+
+def tokens_inside(pieces: Sequence[bytes], size: int,
+                  spans: Sequence[tuple[int, int]]) -> list[bool]:  # fmt: skip
+    """For each token (its bytes in `pieces`, which spell a text of `size` bytes), whether it
+    lies wholly in one of the byte `spans` (sorted); all False when the pieces do not spell
+    the text (a first piece the text does not show, a BOS, is skipped)."""
+    lengths = [len(p) for p in pieces]
+    if lengths and sum(lengths) == size + lengths[0]:
+        lengths[0] = 0
+    out, offset, i = [], 0, 0
+    for length in lengths:
+        end = offset + length
+        while i < len(spans) and spans[i][1] <= offset:
+            i += 1
+        out.append(i < len(spans) and spans[i][0] <= offset and end <= spans[i][1])
+        offset = end
+    return out if offset == size else [False] * len(pieces)
 
 
 class DecodeError(RuntimeError):
-    """llama_decode failed for a step; the slots in it are left as they were before it."""
+    """llama_decode failed for a call; the slots in it are left as they were before it."""
+
+    def __init__(self, message: str, slots: Sequence[Slot] = ()) -> None:
+        super().__init__(message)
+        self.slots = list(slots)
 
 
 @dataclass
@@ -34,6 +100,7 @@ class Slot:
     seq: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV is in the sequence
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
+    written: list[bool] = field(default_factory=list)  # per pending token: the model's words
     sampler: Any = None
     logits_at: int = -1  # index in the last batch of this slot's output row, -1: none
     owner: str = ""  # the client whose prompt the cells hold (see Engine._fill_slot)
@@ -69,12 +136,13 @@ class BatchDecoder:
         set_verbose(False)  # llama.cpp's own log: errors only (its info lines flood the journal)
 
         self._lib = llama_cpp
-        if batch_invariant:
-            # ggml's tiled K-quant matmul takes over from 8 rows up and rounds differently
-            # from the row-by-row kernel, so a token's logits would depend on how many other
-            # tokens share its step. One kernel for every size (read once, at the first
-            # matmul of the process).
-            os.environ.setdefault(TILED_ENV, TILED_MODE)
+        self.batch_invariant = batch_invariant
+        info = llama_cpp.llama_print_system_info()
+        self.kernels = kernel_tag(
+            batch_invariant, info.decode() if isinstance(info, bytes) else info
+        )
+        # Calls split by the rows' roles only where the two matmul kernels meet.
+        self.split_roles = self.kernels.startswith("roles")
         mparams = llama_cpp.llama_model_default_params()
         # Repacked weights switch between a one-column and a many-column kernel with the batch
         # size, whose sums round differently: off, every token's logits are the same whatever
@@ -110,6 +178,7 @@ class BatchDecoder:
         self.slots = [Slot(seq=i) for i in range(n_slots)]
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}
 
     def close(self) -> None:
         if self.ctx is not None:
@@ -139,6 +208,26 @@ class BatchDecoder:
                     break
                 size = -n
             self._pieces[token] = found
+        return found
+
+    def inside(self, tokens: Sequence[int], text: bytes,
+               spans: Sequence[tuple[int, int]]) -> list[bool]:  # fmt: skip
+        """For each of `tokens` (the tokenization of `text`), whether it lies in `spans`."""
+        return tokens_inside([self._special_piece(t) for t in tokens], len(text), spans)
+
+    def _special_piece(self, token: int) -> bytes:
+        """The token's bytes as the template wrote them (control tokens included)."""
+        found = self._special_pieces.get(token)
+        if found is None:
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = self._lib.llama_token_to_piece(self.vocab, token, buf, size, 0, True)
+                if n >= 0:
+                    found = buf.raw[:n]
+                    break
+                size = -n
+            self._special_pieces[token] = found
         return found
 
     def is_eog(self, token: int) -> bool:
@@ -181,9 +270,11 @@ class BatchDecoder:
 
     # --- KV cache -------------------------------------------------------------------------
 
-    def reuse(self, slot: Slot, prompt: list[int], limit: Optional[int] = None) -> int:
+    def reuse(self, slot: Slot, prompt: list[int], limit: Optional[int] = None,
+              written: Optional[Sequence[bool]] = None) -> int:  # fmt: skip
         """Keep the slot's cells that match the prompt's start (at most `limit`), queue the
-        rest; return how many were kept.
+        rest (with `written`: which prompt tokens are the model's own words); return how many
+        were kept.
 
         At least one prompt token is always evaluated, so that the step leaves logits.
         """
@@ -192,6 +283,7 @@ class BatchDecoder:
             keep = min(keep, limit)
         self.truncate(slot, keep)
         slot.pending = list(prompt[keep:])
+        slot.written = list(written[keep:]) if written else [False] * len(slot.pending)
         return keep
 
     def truncate(self, slot: Slot, keep: int) -> None:
@@ -205,6 +297,7 @@ class BatchDecoder:
     def clear(self, slot: Slot) -> None:
         self.truncate(slot, 0)
         slot.pending = []
+        slot.written = []
 
     def save(self, slot: Slot) -> bytes:
         """The slot's KV cells as bytes (for a session or a shared prefix)."""
@@ -232,24 +325,68 @@ class BatchDecoder:
         state_a = self.save(a) if a.cached else b""
         state_b = self.save(b) if b.cached else b""
         tokens_a, tokens_b = list(a.cached), list(b.cached)
-        rest_a = (a.pending, a.sampler, a.logits_at, a.owner)
-        rest_b = (b.pending, b.sampler, b.logits_at, b.owner)
+        rest_a = (a.pending, a.written, a.sampler, a.logits_at, a.owner)
+        rest_b = (b.pending, b.written, b.sampler, b.logits_at, b.owner)
         self.truncate(a, 0)
         self.truncate(b, 0)
         if state_b and not self.load(a, tokens_b, state_b):
             raise DecodeError(f"could not move sequence {b.seq} to {a.seq}")
         if state_a and not self.load(b, tokens_a, state_a):
             raise DecodeError(f"could not move sequence {a.seq} to {b.seq}")
-        a.pending, a.sampler, a.logits_at, a.owner = rest_b
-        b.pending, b.sampler, b.logits_at, b.owner = rest_a
+        a.pending, a.written, a.sampler, a.logits_at, a.owner = rest_b
+        b.pending, b.written, b.sampler, b.logits_at, b.owner = rest_a
 
     # --- one step -------------------------------------------------------------------------
 
-    def step(self, feeds: list[tuple[Slot, list[int], bool]]) -> None:
+    def steps(self, decoding: Sequence[tuple[Slot, int]],
+              reading: Sequence[tuple[Slot, int, bool]]) -> Iterator[list[Slot]]:  # fmt: skip
+        """One engine step: a token for each decoding (slot, token), and the next `n` pending
+        prompt tokens of each reading (slot, n, want_logits), removed from `pending`.
+
+        Runs as many llama_decode calls as batch invariance needs (one without it) and yields,
+        after each, the slots that now have logits: sample them before resuming, as the next
+        call replaces them. A failed call raises DecodeError naming its slots; the calls
+        before it stand.
+        """
+        # Consecutive sequence ids: llama.cpp computes such streams in one pass.
+        decodes: list[Feed] = sorted(((slot, [token], True) for slot, token in decoding),
+                                     key=lambda f: f[0].seq)  # fmt: skip
+        if not self.split_roles:
+            feeds = decodes + [(s, s.pending[:n], want) for s, n, want in reading]
+            self.step(feeds)
+            for slot, n, _want in reading:
+                del slot.pending[:n], slot.written[:n]
+            yield [f[0] for f in feeds if f[0].logits_at >= 0]
+            return
+        group = TILED_MIN_ROWS - 1
+        calls = -(-len(decodes) // group)
+        for i in range(calls):  # row by row, in calls of near-equal size
+            part = decodes[i * len(decodes) // calls : (i + 1) * len(decodes) // calls]
+            self.step(part)
+            yield [f[0] for f in part]
+        for slot, count, want in reading:
+            slot.written += [False] * (len(slot.pending) - len(slot.written))
+            n = count
+            while n > 0:
+                written = slot.written[0]
+                run = 1
+                while run < n and slot.written[run] == written:
+                    run += 1
+                take = min(run, group) if written else run
+                last = take == n
+                tokens = slot.pending[:take]
+                self.step([(slot, tokens, want and last)], 0 if written else TILED_MIN_ROWS)
+                del slot.pending[:take], slot.written[:take]
+                n -= take
+                yield [slot] if want and last else []
+
+    def step(self, feeds: list[Feed], min_rows: int = 0) -> None:
         """Evaluate `tokens` for each (slot, tokens, want_logits) in one llama_decode call.
 
         The caller keeps the total within n_batch. A slot asking for logits gets them for its
-        last token in `logits_at`.
+        last token in `logits_at` (every other slot's are gone). With `min_rows`, a call with
+        one sequence and fewer rows gets throwaway rows after its tokens, removed again, so
+        that its tokens take the kernels of a call that size (when the sequence has room).
         """
         feeds = sorted(feeds, key=lambda f: f[0].seq)  # consecutive streams decode together
         b = self._batch
@@ -265,14 +402,39 @@ class BatchDecoder:
                 n += 1
             if want_logits:
                 b.logits[n - 1] = 1
+        real = n
+        if len(feeds) == 1 and n < min_rows:
+            slot, tokens, _want = feeds[0]
+            end = len(slot.cached) + len(tokens)
+            if end + min_rows - n <= self.n_ctx_seq:
+                for j in range(min_rows - n):
+                    b.token[n] = tokens[-1]
+                    b.pos[n] = end + j
+                    b.n_seq_id[n] = 1
+                    b.seq_id[n][0] = slot.seq
+                    b.logits[n] = 0
+                    n += 1
         b.n_tokens = n
+        for slot in self.slots:
+            slot.logits_at = -1
         rc = self._lib.llama_decode(self.ctx, b)
-        if rc != 0:
-            # Cells written before the failure are removed so each slot matches its `cached`.
-            for slot, _tokens, _want in feeds:
-                self._lib.llama_memory_seq_rm(self.memory, slot.seq, len(slot.cached), -1)
-                slot.logits_at = -1
-            raise DecodeError(f"llama_decode returned {rc} for {n} tokens")
+        lost = []
+        if rc != 0 or n > real:
+            # Cells beyond each slot's `cached` (the padding, or what a failed call wrote)
+            # are removed; a sequence that refuses is emptied (and the call fails for it).
+            for slot, tokens, _want in feeds:
+                keep = len(slot.cached) + (len(tokens) if rc == 0 else 0)
+                if not self._lib.llama_memory_seq_rm(self.memory, slot.seq, keep, -1):
+                    self._lib.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
+                    slot.cached.clear()
+                    lost.append(slot)
+        if rc != 0 or lost:
+            raise DecodeError(
+                f"llama_decode returned {rc} for {real} tokens"
+                if rc != 0
+                else "llama.cpp could not remove the padding rows",
+                [f[0] for f in feeds] if rc != 0 else lost,
+            )
         n = 0
         for slot, tokens, want_logits in feeds:
             slot.cached.extend(tokens)

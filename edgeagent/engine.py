@@ -32,7 +32,14 @@ from typing import Any, Callable, Optional
 from edgeagent import heap, protocol
 from edgeagent.config import Config
 from edgeagent.cpu import Placement, pin_current_thread
-from edgeagent.decoder import BatchDecoder, Slot, common_prefix, starts_with
+from edgeagent.decoder import (
+    TILED_MIN_ROWS,
+    BatchDecoder,
+    DecodeError,
+    Slot,
+    common_prefix,
+    starts_with,
+)
 from edgeagent.promptcache import PromptCache
 from edgeagent.protocol import Request
 
@@ -238,6 +245,32 @@ class _StopMatcher:
         return out
 
 
+def answer_spans(
+    messages: list[dict[str, str]], text: str, render: Callable[[list[dict[str, str]]], str]
+) -> Optional[list[tuple[int, int]]]:
+    """The byte spans of the assistant messages' texts in `text` (= render(messages)): the
+    messages are rendered again with a marker in place of each, which shows where the
+    template put them. None if the template changes them (no exact place)."""
+    answers = [i for i, m in enumerate(messages)
+               if m.get("role") == "assistant" and m.get("content")]  # fmt: skip
+    if not answers:
+        return []
+    mark = f"\ue000{os.urandom(6).hex()}\ue001"
+    marked = [dict(m, content=mark) if i in answers else m for i, m in enumerate(messages)]
+    pieces = render(marked).split(mark)
+    if len(pieces) != len(answers) + 1:
+        return None
+    spans, rebuilt, offset = [], [], 0
+    for piece, i in zip(pieces, answers):
+        content = messages[i]["content"]
+        offset += len(piece.encode())
+        spans.append((offset, offset + len(content.encode())))
+        offset += len(content.encode())
+        rebuilt += [piece, content]
+    rebuilt.append(pieces[-1])
+    return spans if "".join(rebuilt) == text else None
+
+
 def auto_parallel(threads: int, n_ctx: int) -> int:
     """Slots when the config says 0: two per inference thread, at most 8, and at most 8,192
     KV cells in all (about 100 MB for the default model; with n_ctx 4096 that is 2 slots and
@@ -282,11 +315,16 @@ class PrefixStore:
     KEY_BYTES = 32
 
     def __init__(self, directory: Optional[Path], model_sha256: str, n_ctx: int,
-                 budget: int, max_files: int, flash_attn: bool = False) -> None:  # fmt: skip
+                 budget: int, max_files: int, flash_attn: bool = False,
+                 kernels: str = "") -> None:  # fmt: skip
         self.dir, self.model_sha256, self.n_ctx = directory, model_sha256, n_ctx
         # Flash attention lays the V cells out differently: such a state does not load into a
         # context without it, so it is part of the key (absent when off: older files stay valid).
         self.flash_attn = flash_attn
+        # Which kernels computed the cells (decoder.kernel_tag, set once the model is loaded):
+        # cells read back must be the ones computing the prompt again would give, or answers
+        # would depend on the cache.
+        self.kernels = kernels
         self.budget, self.max_files = budget, max_files
         self._items: dict[tuple[str, tuple[int, ...]], _Prefix] = {}
         self._writers: list[threading.Thread] = []
@@ -296,7 +334,7 @@ class PrefixStore:
         self.rejected = 0  # files on disk whose MAC did not check out
 
     def key(self, tokens: list[int], owner: str = "") -> str:
-        layout = "fa:" if self.flash_attn else ""
+        layout = ("fa:" if self.flash_attn else "") + (f"k:{self.kernels}:" if self.kernels else "")
         mine = f"owner:{owner}:" if owner else ""
         h = hashlib.sha256(f"{self.model_sha256}:{self.n_ctx}:{layout}{mine}".encode())
         h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
@@ -411,6 +449,7 @@ class PrefixStore:
             header.get("model_sha256") != self.model_sha256
             or header.get("n_ctx") != self.n_ctx
             or header.get("flash_attn", False) != self.flash_attn
+            or header.get("kernels", "") != self.kernels
             or header.get("owner", "") != owner
             or header.get("tokens") != tokens
             or header.get("bytes") != len(state)
@@ -427,6 +466,7 @@ class PrefixStore:
             "model_sha256": self.model_sha256,
             "n_ctx": self.n_ctx,
             **({"flash_attn": True} if self.flash_attn else {}),
+            **({"kernels": self.kernels} if self.kernels else {}),
             **({"owner": item.owner} if item.owner else {}),
             "tokens": item.tokens,
             "bytes": len(item.state),
@@ -486,6 +526,7 @@ class Engine:
         self.cfg = cfg
         self.model_file, self.model_name, self.model_sha256 = model_file, model_name, model_sha256
         self.n_threads = 0
+        self._warned_template = False
         self.parallel = 0
         self.placement: Optional[Placement] = None
         self.load_s = 0.0
@@ -614,6 +655,29 @@ class Engine:
         result = self._formatter(messages=messages)
         return self._dec.tokenize(result.prompt, special=True, add_bos=not result.added_special)
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+        """The prompt's tokens, and for each whether it is the model's own words (inside the
+        text of an assistant message as the template renders it): the decoder reads those
+        the way it decodes (see edgeagent.decoder), when its kernels need it."""
+        assert self._dec is not None
+        result = self._formatter(messages=messages)
+        tokens = self._dec.tokenize(result.prompt, special=True, add_bos=not result.added_special)
+        if not self._dec.split_roles:
+            return tokens, [False] * len(tokens)
+        return tokens, self._model_words(messages, result.prompt, tokens)
+
+    def _model_words(self, messages: list[dict[str, str]], text: str,
+                     tokens: list[int]) -> list[bool]:  # fmt: skip
+        assert self._dec is not None
+        spans = answer_spans(messages, text, lambda m: self._formatter(messages=m).prompt)
+        if spans is None:
+            if not self._warned_template:
+                log.warning("the chat template changes assistant text: a conversation read "
+                            "again may not give the cells its decoding gave")  # fmt: skip
+                self._warned_template = True
+            return [False] * len(tokens)
+        return self._dec.inside(tokens, text.encode(), spans)
+
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` (the vocabulary is read-only: safe beside a running generation)."""
         assert self._dec is not None
@@ -701,6 +765,7 @@ class Engine:
             self.model_file, n_ctx=m.n_ctx, n_slots=self.parallel, n_batch=m.n_batch,
             n_threads=self.n_threads, batch_invariant=self.cfg.engine.batch_invariant,
         )  # fmt: skip
+        self.prefixes.kernels = dec.kernels  # before any snapshot is read or written
         meta = dec.model.metadata()
         template = meta.get("tokenizer.chat_template")
         if not template:
@@ -735,8 +800,11 @@ class Engine:
         if item is None:
             slot = self._dec.slots[0]
             self._dec.clear(slot)
-            for i in range(0, len(tokens), self.cfg.model.n_batch):
-                self._dec.step([(slot, tokens[i : i + self.cfg.model.n_batch], False)])
+            slot.pending, slot.written = list(tokens), [False] * len(tokens)
+            while slot.pending:
+                chunk = min(len(slot.pending), self.cfg.model.n_batch)
+                for _ in self._dec.steps([], [(slot, chunk, False)]):
+                    pass
             self.prefixes.add(tokens, self._dec.save(slot))
             origin = "computed"
         else:
@@ -766,7 +834,7 @@ class Engine:
 
     def _build_prompt(
         self, job: Job, conv: Optional[_Conversation], max_tokens: int
-    ) -> Optional[tuple[list[int], list[dict[str, str]]]]:
+    ) -> Optional[tuple[list[int], list[bool], list[dict[str, str]]]]:
         """Chat messages → tokens, dropping the oldest session turns until the answer fits."""
         req, n_ctx = job.request, self.cfg.model.n_ctx
         history = plain(self.sessions.messages(conv)) if conv else []
@@ -789,7 +857,7 @@ class Engine:
                 )
             )
             return None
-        return tokens, messages
+        return (*self.chat_prompt(messages), messages)
 
     def _start(self, job: Job) -> None:
         """Give a job a slot, reusing the longest cached start of its prompt."""
@@ -808,7 +876,7 @@ class Engine:
             built = self._build_prompt(job, conv, max_tokens)
             if built is None:
                 return
-            tokens, messages = built
+            tokens, written, messages = built
             dec = self._dec
             assert dec is not None
             max_tokens = min(max_tokens, self.cfg.model.n_ctx - len(tokens))
@@ -829,7 +897,8 @@ class Engine:
 
             slot, cache = self._fill_slot(tokens, conv, prefix_end, job.owner, public,
                                           prefix_owner)  # fmt: skip
-            kept = dec.reuse(slot, tokens, None if slot.owner == job.owner else public)
+            kept = dec.reuse(slot, tokens, None if slot.owner == job.owner else public,
+                             written)  # fmt: skip
             slot.owner = job.owner
             if kept == 0:
                 cache = "none"
@@ -987,9 +1056,9 @@ class Engine:
             self._active[hole.seq] = a
 
     def _step(self) -> None:
-        """One llama_decode for every active slot: a token for each stream that is decoding,
-        and one prompt chunk (a whole batch when nothing is decoding), plus the last few
-        tokens of other prompts."""
+        """One step for every active slot: a token for each stream that is decoding, and one
+        prompt chunk (a whole batch when nothing is decoding), plus the last few tokens of
+        other prompts; in as many llama_decode calls as the kernels need (decoder.steps)."""
         assert self._dec is not None
         for active in list(self._active.values()):
             if active.job.should_stop():
@@ -1000,12 +1069,11 @@ class Engine:
         if not self._active:
             return
         n_batch = self.cfg.model.n_batch
-        feeds: list[tuple[Slot, list[int], bool]] = []
-        decoding = [a for a in self._active.values() if a.next_token is not None]
-        for a in decoding:
-            assert a.next_token is not None
-            feeds.append((a.slot, [a.next_token], True))
-        budget = min(n_batch - len(feeds), self.cfg.engine.prefill_chunk if feeds else n_batch)
+        decoding = [(a.slot, a.next_token) for a in self._active.values()
+                    if a.next_token is not None]  # fmt: skip
+        reads: list[tuple[Slot, int, bool]] = []
+        budget = min(n_batch - len(decoding),
+                     self.cfg.engine.prefill_chunk if decoding else n_batch)  # fmt: skip
         prefilling: list[tuple[_Active, int]] = []
         reading = False  # this step already reads a prompt with more than a few tokens to go
         for a in sorted(self._active.values(), key=lambda a: a.started):
@@ -1020,41 +1088,63 @@ class Engine:
                     continue
                 reading = True
             take = min(len(pending), budget)
+            words = a.slot.written
+            if decoding and words and words[0] and self._dec.split_roles:
+                # The model's words are read 7 rows per call: while others stream, one call
+                # per step, so they wait no longer than for a decode step.
+                take = min(take, TILED_MIN_ROWS - 1)
+            elif decoding and True in words[:take]:
+                take = words.index(True)  # the prompt text up to them, in one call
             done_len = len(a.slot.cached)
             if a.prefix_end and done_len < a.prefix_end < done_len + take:
                 take = a.prefix_end - done_len  # stop at the system prefix to snapshot it
-            feeds.append((a.slot, pending[:take], take == len(pending)))
+            reads.append((a.slot, take, take == len(pending)))
             prefilling.append((a, take))
             budget -= take
-        for slot, _tokens, _want in feeds:
-            stepping = self._active[slot.seq]
-            stepping.peak_batch = max(stepping.peak_batch, len(feeds))
+        stepping = len(decoding) + len(reads)
+        for slot in [s for s, _ in decoding] + [s for s, _, _ in reads]:
+            self._active[slot.seq].peak_batch = max(self._active[slot.seq].peak_batch, stepping)
         t0 = time.monotonic()
-        try:
-            self._dec.step(feeds)
-        except Exception as exc:
-            log.exception("decode step failed for %d slots", len(feeds))
-            for slot, _tokens, _want in feeds:
-                failed = self._active.get(slot.seq)
-                if failed is not None:
-                    failed.job.emit(
-                        protocol.error_event(failed.job.request.id, protocol.INTERNAL, str(exc))
-                    )
-                    self._dec.clear(slot)
-                    self._release(failed)
-            return
+        timed: set[int] = set()
+        calls = self._dec.steps(decoding, reads)
+        while True:
+            try:
+                ready = next(calls, None)
+            except Exception as exc:
+                failed_slots = exc.slots if isinstance(exc, DecodeError) else [
+                    s for s, _ in decoding] + [s for s, _, _ in reads]  # fmt: skip
+                log.exception("decode step failed for %d slots", len(failed_slots))
+                for slot in failed_slots:
+                    failed = self._active.get(slot.seq)
+                    if failed is not None:
+                        failed.job.emit(protocol.error_event(
+                            failed.job.request.id, protocol.INTERNAL, str(exc)))  # fmt: skip
+                        self._dec.clear(slot)
+                        self._release(failed)
+                break
+            if ready is None:
+                break
+            now = time.monotonic()
+            self.last_progress = now
+            # Sampled now: the next call replaces these slots' logits.
+            for slot in ready:
+                sampled = self._active.get(slot.seq)
+                if sampled is None or not sampled.slot.ready_to_sample:
+                    continue
+                if any(a is sampled for a, _ in prefilling):
+                    sampled.prefill_s += now - t0  # before `done` may report it
+                    timed.add(slot.seq)
+                self._advance(sampled, now)
         now = time.monotonic()
-        self.last_progress = now
-        for a, take in prefilling:
-            del a.slot.pending[:take]
-            a.prefill_s += now - t0
+        for a, _take in prefilling:
+            if self._active.get(a.slot.seq) is not a:
+                continue  # failed in this step
+            if a.slot.seq not in timed:
+                a.prefill_s += now - t0
             if a.prefix_end and len(a.slot.cached) == a.prefix_end:
                 self.prefixes.add(a.prompt[: a.prefix_end], self._dec.save(a.slot),
                                   a.prefix_owner)  # fmt: skip
                 a.prefix_end = 0
-        for a in list(self._active.values()):
-            if a.slot.ready_to_sample:
-                self._advance(a, now)
 
     def _advance(self, a: _Active, now: float) -> None:
         """Sample the slot's next token and stream it, or finish the job."""
@@ -1141,6 +1231,7 @@ class Engine:
         """The slot is free again; its cells stay as a cache for a prompt that starts alike."""
         self._active.pop(a.slot.seq, None)
         a.slot.pending = []
+        a.slot.written = []
         a.slot.logits_at = -1
         if self._dec is not None:
             self._dec.set_sampler(a.slot, None)

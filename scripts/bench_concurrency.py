@@ -318,7 +318,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def build_llama_server() -> str | None:
+def build_llama_tool(tool: str = "llama-server") -> str | None:
+    """The path of llama.cpp's `tool` (llama-server or llama-bench), built once per box."""
     script = ROOT / "scripts" / "build-llama-server.sh"
     if not script.exists():
         return None
@@ -326,9 +327,10 @@ def build_llama_server() -> str | None:
         [sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"], text=True
     ).strip()
     try:
-        out = subprocess.run([str(script), version], check=True, capture_output=True, text=True)
+        out = subprocess.run([str(script), version, sys.executable, tool], check=True,
+                             capture_output=True, text=True)  # fmt: skip
     except subprocess.CalledProcessError as exc:
-        print(f"llama-server could not be built here:\n{exc.stderr[-2000:]}")
+        print(f"{tool} could not be built here:\n{exc.stderr[-2000:]}")
         return None
     return out.stdout.strip().splitlines()[-1]
 
@@ -415,7 +417,7 @@ def server(
 
 
 def step_costs(model_file: Path, args: argparse.Namespace, invariant: bool) -> dict[int, float]:
-    """Median ms of one llama_decode that gives n sequences one token each (n outputs).
+    """Median ms of one engine step that gives n sequences one token each (n outputs).
 
     Runs in a child process: llama.cpp's batch API through edgeagent.decoder, nothing else on
     the box busy. This is the ceiling batching works under: n streams can decode at most
@@ -430,7 +432,9 @@ dec = BatchDecoder(Path({str(model_file)!r}), n_ctx={args.n_ctx}, n_slots={max(S
                    n_batch=512, n_threads={args.threads}, batch_invariant={invariant})
 prompt = dec.tokenize("List the likely causes of a hydraulic press losing pressure.", special=True)
 for slot in dec.slots:
-    dec.step([(slot, prompt, True)])
+    slot.pending, slot.written = list(prompt), [False] * len(prompt)
+    for _ in dec.steps([], [(slot, len(prompt), True)]):
+        pass
 out = {{}}
 for n in {STEP_STREAMS!r}:
     times = []
@@ -438,7 +442,8 @@ for n in {STEP_STREAMS!r}:
         for slot in dec.slots[:n]:
             dec.truncate(slot, len(prompt))
         t = time.perf_counter()
-        dec.step([(slot, [prompt[0]], True) for slot in dec.slots[:n]])
+        for _ in dec.steps([(slot, prompt[0]) for slot in dec.slots[:n]], []):
+            pass  # the engine's calls: with batch invariance, at most 7 rows each
         times.append(time.perf_counter() - t)
     out[n] = round(1000 * sorted(times)[len(times) // 2], 1)
 print(json.dumps(out))
@@ -555,7 +560,7 @@ def main() -> int:
     counts = [int(c) for c in args.clients.split(",")]
     fresh_counts = [int(c) for c in args.fresh_clients.split(",") if c]
     kinds = args.servers.split(",")
-    llama_server = build_llama_server() if "llama-server" in kinds else None
+    llama_server = build_llama_tool() if "llama-server" in kinds else None
     if llama_server is None and "llama-server" in kinds:
         kinds.remove("llama-server")
     results: dict[str, list[Phase]] = {}
@@ -564,6 +569,13 @@ def main() -> int:
         for label, invariant in (("batch-invariant kernels", True), ("fastest kernels", False))
     }
     print("decode step (ms) by streams:", steps, flush=True)
+    import bench_prompt
+
+    with tempfile.TemporaryDirectory(prefix="edgeagent-bench-") as tmp:
+        reading = bench_prompt.reading(
+            model_file, Path(tmp), args.threads, build_llama_tool("llama-bench")
+        )
+        long_prompt = bench_prompt.long_prompt_under_load(model_file, Path(tmp), args.threads)
     with tempfile.TemporaryDirectory(prefix="edgeagent-bench-") as tmp:
         workdir = Path(tmp)
         for kind in kinds:
@@ -584,8 +596,9 @@ def main() -> int:
                     )
         restart = restart_experiment(model_file, workdir, args)
     report, checks = render(
-        results, restart, steps, args, llama_server is not None, origin, spec.name
-    )
+        results, restart, steps, args, llama_server is not None, origin, spec.name,
+        (reading, long_prompt),
+    )  # fmt: skip
     print(report)
     if args.write:
         write_docs(report, results)
@@ -600,6 +613,7 @@ def render(
     have_llama_server: bool,
     origin: str,
     model: str,
+    prompt_phase: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> tuple[str, list[tuple[str, bool, str]]]:
     """The report; `origin` is measured_by()'s opening (date, command, commit, machine), which
     every table's section repeats with what ran."""
@@ -632,7 +646,7 @@ def render(
     lines += [
         "",
         f"{stack}, n_ctx {args.n_ctx} per sequence. "
-        "What one decode step costs here: one `llama_decode` giving n sequences one token "
+        "What one decode step costs here: one engine step giving n sequences one token "
         "each (median of 15, nothing else running); n streams can decode at most "
         "n x 1000 / ms tokens/s, which caps what any server can gain from batching on this "
         "box.",
@@ -648,9 +662,15 @@ def render(
             for label, ms in steps.items()
         ),
     ]
+    checks: list[tuple[str, bool, str]] = []
+    if prompt_phase is not None:
+        import bench_prompt
+
+        more, prompt_checks = bench_prompt.render(*prompt_phase, stack, args.threads)
+        lines += ["", *more]
+        checks += prompt_checks
     by = {kind: {p.clients: p for p in phases if not p.fresh} for kind, phases in results.items()}
     new = {kind: {p.clients: p for p in phases if p.fresh} for kind, phases in results.items()}
-    checks: list[tuple[str, bool, str]] = []
     ea = by.get("edgeagent", {})
     if 1 in ea and 4 in ea:
         one, four = ea[1], ea[4]

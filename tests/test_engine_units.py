@@ -180,6 +180,23 @@ def test_prefix_snapshots_made_with_flash_attention_are_kept_apart(tmp_path: Pat
     assert found is not None and found.origin == "disk" and found.state == b"state"
 
 
+def test_prefix_snapshots_computed_by_other_kernels_are_not_read_back(tmp_path: Path) -> None:
+    """Cells read back must be the ones computing the prompt again would give: a snapshot
+    made before prompt rows went to the tiled matmul (no tag) is left alone."""
+    tokens = list(range(40))
+    old = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4)
+    old.add(tokens, b"state")
+    old.flush()
+    now = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4, kernels="roles8")
+    assert now.get(tokens) is None
+    (tmp_path / f"{old.key(tokens)}.kv").rename(tmp_path / f"{now.key(tokens)}.kv")
+    assert now.get(tokens) is None  # the header tells them apart too
+    now.add(tokens, b"state")
+    now.flush()
+    found = PrefixStore(tmp_path, "sha", 1024, 1 << 20, 4, kernels="roles8").get(tokens)
+    assert found is not None and found.state == b"state"
+
+
 def test_a_prefix_snapshot_is_loaded_only_when_its_mac_checks_out(tmp_path: Path) -> None:
     """llama.cpp loads a snapshot's bytes as they are: a file changed by anyone but the daemon
     (or damaged) is never handed to it, and the key and files are the daemon user's only."""
