@@ -9,12 +9,13 @@ Batch invariance (greedy output that does not depend on what else is in the batc
 which kernel computes each row. With flash attention and repacked weights off, every kernel
 gives a row the same result whatever other rows share its call, with one exception: llama.cpp's
 tiled K-quant matmul takes over from TILED_MIN_ROWS rows up and rounds differently from the
-row-by-row kernel below that. So a step is split into calls by the rows' roles (`steps`):
-tokens the model writes (decoded tokens, and an assistant turn's text when a prompt brings it
-back) are computed in calls of fewer rows, row by row; all other prompt tokens in calls of at
-least TILED_MIN_ROWS rows, tiled (padded with throwaway rows when fewer). A token's cells are
-then the same however the prompt was chunked, whatever decoded beside it, and whether they
-were cached or computed again.
+row-by-row kernel below that. The default turns it off (GGML_CPU_TILED_MM=0): one kernel, one
+call per step. With GGML_CPU_TILED_MM=1 set for the daemon, a step is split into calls by the
+rows' roles instead (`steps`): tokens the model writes (decoded tokens, and an assistant turn's
+text when a prompt brings it back) in calls of fewer rows, row by row; all other prompt tokens
+in calls of at least TILED_MIN_ROWS rows, tiled (padded with throwaway rows when fewer). Either
+way a token's cells are the same however the prompt was chunked, whatever decoded beside it,
+and whether they were cached or computed again (tests/test_batch_invariance.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
 # (ggml_tiled_min_batch in ggml-cpu/tiled/tiled.cpp); tests/test_batch_invariance.py fails if
 # a llama.cpp upgrade moves it.
 TILED_MIN_ROWS = 8
+TILED_ENV = "GGML_CPU_TILED_MM"
 # (slot, tokens, want_logits): one sequence's part of a llama_decode call
 Feed = tuple["Slot", list[int], bool]
 
@@ -137,6 +139,13 @@ class BatchDecoder:
 
         self._lib = llama_cpp
         self.batch_invariant = batch_invariant
+        if batch_invariant:
+            # By default the row-by-row matmul for every row, in one call per step. With
+            # GGML_CPU_TILED_MM=1 in the environment, prompt text goes through the tiled
+            # kernel and steps are split by role (see above): prompts read faster, but every
+            # step that reads a prompt beside decoding streams takes one more llama_decode,
+            # which costs more than it gains with short prompts (docs/benchmarks.md).
+            os.environ.setdefault(TILED_ENV, "0")  # read once, at the process's first matmul
         info = llama_cpp.llama_print_system_info()
         self.kernels = kernel_tag(
             batch_invariant, info.decode() if isinstance(info, bytes) else info

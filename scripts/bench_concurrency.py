@@ -575,7 +575,11 @@ def main() -> int:
         reading = bench_prompt.reading(
             model_file, Path(tmp), args.threads, build_llama_tool("llama-bench")
         )
-        long_prompt = bench_prompt.long_prompt_under_load(model_file, Path(tmp), args.threads)
+        try:
+            long_prompt = bench_prompt.long_prompt_under_load(model_file, Path(tmp), args.threads)
+        except Exception as exc:  # reported in the table's place; the rest of the run stands
+            print(f"long prompt under load failed: {exc!r}", flush=True)
+            long_prompt = None
     with tempfile.TemporaryDirectory(prefix="edgeagent-bench-") as tmp:
         workdir = Path(tmp)
         for kind in kinds:
@@ -613,7 +617,7 @@ def render(
     have_llama_server: bool,
     origin: str,
     model: str,
-    prompt_phase: tuple[dict[str, Any], dict[str, Any]] | None = None,
+    prompt_phase: tuple[dict[str, Any], dict[str, Any] | None] | None = None,
 ) -> tuple[str, list[tuple[str, bool, str]]]:
     """The report; `origin` is measured_by()'s opening (date, command, commit, machine), which
     every table's section repeats with what ran."""

@@ -11,11 +11,11 @@ minute); runs alone too, printing only:
    real `edgeagent run` daemon reads new prompts of about 128, 512 and 1,500 tokens, one at a
    time, and says in each `done` how long the prompt took (`timings.prompt_ms`) and how many
    tokens it evaluated. Both with each kernel choice: the daemon's default (batch-invariant:
-   no flash attention, no repacked weights; see edgeagent/decoder.py) and llama.cpp's own
-   defaults (what `[engine] batch_invariant = false` selects). In ABBA order per kernel choice
-   (llama-bench, daemon, daemon, llama-bench), because this kind of VM drifts by several
-   percent within minutes. With the default, prompt text goes through the same kernels in
-   both (llama-bench: `-fa off --repack 0`); decoding differs (the daemon decodes row by row).
+   no flash attention, no repacked weights, no tiled K-quant matmul; see edgeagent/decoder.py)
+   and llama.cpp's own defaults (what `[engine] batch_invariant = false` selects). In ABBA
+   order per kernel choice (llama-bench, daemon, daemon, llama-bench), because this kind of
+   VM drifts by several percent within minutes. With the default, both run the same kernels
+   (llama-bench: `-fa off --repack 0` and GGML_CPU_TILED_MM=0).
 2. Three clients stream long answers; a new ~1,200-token prompt arrives. Its time to first
    token against the same prompt's alone, and the streams' longest gap between tokens while it
    is read against their usual gap and the time of one step with a prompt chunk.
@@ -65,9 +65,9 @@ def llama_bench(binary: str, model_file: Path, threads: int, invariant: bool,
             "-p", ",".join(map(str, BENCH_LENGTHS)), "-n", str(N_GEN)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("GGML_CPU_TILED_MM")}
     if invariant:
-        # The kernels edgeagent.decoder reads prompt text with for batch_invariant = true
-        # (the tiled K-quant matmul as llama.cpp has it, from 8 rows up).
+        # The kernels edgeagent.decoder picks for batch_invariant = true (by default).
         args += ["-fa", "off", "--repack", "0"]
+        env["GGML_CPU_TILED_MM"] = "0"
     out = subprocess.run(args, capture_output=True, text=True, env=env, check=True, timeout=900)
     rates = {}
     for line in out.stdout.splitlines():
@@ -172,35 +172,42 @@ def long_prompt_under_load(model_file: Path, workdir: Path, threads: int,
                 return event
         raise RuntimeError("no done event")
 
+    def stream(ticks: list[list[float]], stop_at: threading.Event) -> None:
+        """Long answers one after another until `stop_at`; each answer's token times apart
+        (a greedy answer may end early: the next one starts)."""
+        while not stop_at.is_set():
+            ticks.append([])
+            ask(400, "Describe, step by step and at length, how to commission a new conveyor "
+                "line.", ticks[-1])  # fmt: skip
+
     try:
         ask(1, "warm up", [])
         solo, loaded, gaps, usual, chunk_steps = [], [], [], [], []
         for _ in range(reps):
             solo.append(ask(1, prompt, [])["timings"]["ttft_ms"])
-            lines: list[list[float]] = [[] for _ in range(streams)]
-            workers = [
-                threading.Thread(target=ask, args=(400, "Describe, step by step and at length, "
-                                 "how to commission a new conveyor line.", lines[i]))
-                for i in range(streams)
-            ]  # fmt: skip
+            lines: list[list[list[float]]] = [[] for _ in range(streams)]
+            stop_at = threading.Event()
+            workers = [threading.Thread(target=stream, args=(lines[i], stop_at), daemon=True)
+                       for i in range(streams)]  # fmt: skip
             for w in workers:
                 w.start()
             deadline = time.monotonic() + 120
-            while min(len(x) for x in lines) < 20:  # all decoding
+            while min(sum(len(t) for t in x) for x in lines) < 20:  # all decoding
                 if not all(w.is_alive() for w in workers) or time.monotonic() > deadline:
-                    raise RuntimeError(f"the streams did not all start: {list(map(len, lines))}")
+                    raise RuntimeError("the streams did not all start")
                 time.sleep(0.05)
             mine: list[float] = []
             done = ask(1, prompt, mine)
+            stop_at.set()
             for w in workers:
                 w.join()
             loaded.append(done["timings"]["ttft_ms"])
             start = mine[0]
             first = start + done["timings"]["ttft_ms"] / 1000
             for x in lines:
-                ticks = x[1:]
-                during = [b - a for a, b in zip(ticks, ticks[1:]) if b > start and a < first]
-                before = [b - a for a, b in zip(ticks, ticks[1:]) if b <= start]
+                pairs = [(a, b) for t in x for a, b in zip(t[1:], t[2:])]  # t[0]: sent
+                during = [b - a for a, b in pairs if b > start and a < first]
+                before = [b - a for a, b in pairs if b <= start]
                 gaps.append(max(during, default=0.0) * 1000)
                 usual.append(statistics.median(before) * 1000)
             n = int(done["usage"]["evaluated_tokens"])

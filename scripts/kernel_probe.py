@@ -30,17 +30,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # use_extra_bufts), fa (flash attention), one_call (a step in one llama_decode call, rows of
 # every role together, as with batch_invariant = false; without the tiled matmul's split,
 # edgeagent.decoder does that by itself).
+ROLES = {"env": {"GGML_CPU_TILED_MM": "1"}}
 CHOICES: list[tuple[str, dict[str, Any]]] = [
-    ("edgeagent's default: prompt text tiled, the model's words row by row", {}),
-    ("row-by-row matmul only (GGML_CPU_TILED_MM=0), one call per step",
-     {"env": {"GGML_CPU_TILED_MM": "0"}}),
+    ("edgeagent's default: row-by-row matmul only (GGML_CPU_TILED_MM=0), one call per step", {}),
+    ("GGML_CPU_TILED_MM=1 for edgeagent: prompt text tiled, the model's words row by row",
+     ROLES),
     ("tiled matmul from 8 rows up in one call per step (llama.cpp's default)",
-     {"one_call": True}),
+     {"one_call": True, "env": {"GGML_CPU_TILED_MM": "1"}}),
     ("tiled matmul at every size (GGML_CPU_TILED_MM_FORCE=1), one call per step",
-     {"env": {"GGML_CPU_TILED_MM_FORCE": "1"}}),
-    ("repacked weights (CPU_REPACK buffers)", {"repack": True, "one_call": True,
-                                               "env": {"GGML_CPU_TILED_MM": "0"}}),
-    ("flash attention (prompt text tiled, the model's words row by row)", {"fa": True}),
+     {"env": {"GGML_CPU_TILED_MM": "1", "GGML_CPU_TILED_MM_FORCE": "1"}}),
+    ("repacked weights (CPU_REPACK buffers), one call per step",
+     {"repack": True, "one_call": True, "env": {"GGML_CPU_TILED_MM": "0"}}),
+    ("flash attention, one call per step", {"fa": True}),
 ]  # fmt: skip
 # (prompt chunk, sequences decoding beside it)
 CASES = ((128, 3), (64, 2), (7, 1))
