@@ -204,40 +204,27 @@ class BatchDecoder:
         tokens: list[int] = self.model.tokenize(text.encode("utf-8"), add_bos, special)
         return tokens
 
-    def piece(self, token: int) -> bytes:
-        """The token's text bytes (control tokens give none)."""
-        found = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The token's text bytes; control tokens give none, or with `special` their text as
+        a template writes it."""
+        cache = self._special_pieces if special else self._pieces
+        found = cache.get(token)
         if found is None:
             size = 64
             while True:
                 buf = ctypes.create_string_buffer(size)
-                n = self._lib.llama_token_to_piece(self.vocab, token, buf, size, 0, False)
+                n = self._lib.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
                 if n >= 0:
                     found = buf.raw[:n]
                     break
                 size = -n
-            self._pieces[token] = found
+            cache[token] = found
         return found
 
     def inside(self, tokens: Sequence[int], text: bytes,
                spans: Sequence[tuple[int, int]]) -> list[bool]:  # fmt: skip
         """For each of `tokens` (the tokenization of `text`), whether it lies in `spans`."""
-        return tokens_inside([self._special_piece(t) for t in tokens], len(text), spans)
-
-    def _special_piece(self, token: int) -> bytes:
-        """The token's bytes as the template wrote them (control tokens included)."""
-        found = self._special_pieces.get(token)
-        if found is None:
-            size = 64
-            while True:
-                buf = ctypes.create_string_buffer(size)
-                n = self._lib.llama_token_to_piece(self.vocab, token, buf, size, 0, True)
-                if n >= 0:
-                    found = buf.raw[:n]
-                    break
-                size = -n
-            self._special_pieces[token] = found
-        return found
+        return tokens_inside([self.piece(t, special=True) for t in tokens], len(text), spans)
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
