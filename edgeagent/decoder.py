@@ -62,9 +62,9 @@ def kernel_tag(batch_invariant: bool, system_info: str) -> str:
     """
     if not batch_invariant:
         return ""
-    if _env_int("GGML_CPU_TILED_MM", 1) == 0 or not re.search(r"\bAVX\w* = 1", system_info):
+    if _env_int(TILED_ENV, 1) == 0 or not re.search(r"\bAVX\w* = 1", system_info):
         return "rowwise"
-    if _env_int("GGML_CPU_TILED_MM_FORCE", 0) == 1:
+    if _env_int(f"{TILED_ENV}_FORCE", 0) == 1:
         return "tiled"
     return f"roles{TILED_MIN_ROWS}"
 
