@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import math
 import os
 import re
@@ -132,6 +133,32 @@ class SocketConfig:
         1 << 20, lo=64 << 10, hi=1 << 30,
         doc="replies a terminal has not read yet; past this it is cut off",
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = _f(True)
+    listen: tuple[str, ...] = field(
+        default=("127.0.0.1:8080",),
+        metadata={
+            "kind": "listen",
+            "doc": 'HOST:PORT ("[::1]:8080" for IPv6) or an absolute Unix socket path, or a list',
+        },
+    )
+    api_keys_file: str = _f(
+        "", doc="client keys, a `name: key` per line (default: $CREDENTIALS_DIRECTORY/"
+        "http-api-keys); required for an address that is not loopback",
+    )  # fmt: skip
+    tls_cert_file: str = _f("", doc="serve HTTPS with this certificate chain (PEM)")
+    tls_key_file: str = _f("", doc="and this private key (PEM, without a pass phrase)")
+    max_body_bytes: int = _f(1 << 20, lo=1024, hi=64 << 20, doc="largest request body")
+    max_connections: int = _f(
+        128, lo=1, hi=100000, doc="connections open at once; more get a 503 and are closed"
+    )
+    max_inflight_per_key: int = _f(
+        16, lo=1, hi=10000, doc="requests one key (or all keyless loopback clients) runs at once"
+    )
+    priority: int = _f(1, lo=-100, hi=100, doc="for requests that set none; higher goes first")
 
 
 @dataclass(frozen=True)
@@ -281,6 +308,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     socket: SocketConfig = field(default_factory=SocketConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     cpu: CpuConfig = field(default_factory=CpuConfig)
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
@@ -404,10 +432,117 @@ def _placeholder_problem(pattern: re.Pattern[str], placeholder: str) -> Optional
     return None
 
 
+def parse_listen(address: str) -> tuple[str, int]:
+    """(host, port) of a "HOST:PORT" or "[IPv6]:PORT" address, or (path, 0) for a Unix socket
+    path; raises ValueError saying what is wrong."""
+    if address.startswith("/"):
+        if len(address.encode()) > 107:
+            raise ValueError(f"{address!r} is longer than the 107 bytes a Unix socket allows")
+        return address, 0
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not re.fullmatch(r"[A-Za-z0-9.:_-]+", host):
+        raise ValueError(
+            f'expected "HOST:PORT", "[IPv6]:PORT" or a Unix socket path, got {address!r}'
+        )
+    if not re.fullmatch(r"\d{1,5}", port) or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not a number from 0 to 65535")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Only this box can reach the address: a loopback IP, "localhost", a Unix socket."""
+    if host.startswith("/") or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+API_KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+API_KEY_RE = re.compile(r"[\x21-\x7e]{16,256}")  # printable ASCII, as an HTTP header carries it
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """{key: client name} from an API keys file: one `name: key` per line (blank lines and
+    `#` comments skipped). Raises ValueError naming the line, never quoting a key."""
+    keys: dict[str, str] = {}
+    names: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, key = (part.strip() for part in line.partition(":"))
+        if not sep or not API_KEY_NAME_RE.fullmatch(name):
+            raise ValueError(
+                f"line {number}: expected `name: key` with a name of 1-64 letters, digits, "
+                "'_', '-', '.'"
+            )
+        if not API_KEY_RE.fullmatch(key):
+            # Neither part is quoted: in a line written the wrong way round, the name is the key.
+            raise ValueError(
+                f"line {number}: the key must be 16-256 printable ASCII characters without spaces"
+            )
+        if name in names:
+            raise ValueError(f"line {number}: the name is given twice (first on an earlier line)")
+        if key in keys:
+            raise ValueError(f"line {number}: the key is the same as an earlier line's")
+        keys[key] = name
+        names.add(name)
+    return keys
+
+
+def api_keys_path(http: HttpConfig) -> tuple[str, bool]:
+    """(path, named): the configured keys file, else the service's credential (which may be
+    absent: then there are no keys)."""
+    if http.api_keys_file:
+        return http.api_keys_file, True
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    return (str(Path(directory) / "http-api-keys") if directory else ""), False
+
+
+def read_api_keys(http: HttpConfig) -> dict[str, str]:
+    """The HTTP front end's keys ({} when none are configured). Raises OSError whose strerror
+    is the whole reason, for a `file: http.api_keys_file: path: reason` line."""
+    path, named = api_keys_path(http)
+    if not path:
+        return {}
+    try:
+        text = read_secret_file(path)
+    except FileNotFoundError:
+        if named:
+            raise OSError(errno.ENOENT, "cannot read: no such file") from None
+        return {}
+    try:
+        return parse_api_keys(text)
+    except ValueError as exc:
+        raise OSError(errno.EINVAL, str(exc)) from None
+
+
+def _check_listen(value: Any) -> tuple[Any, Optional[str]]:
+    addresses = [value] if isinstance(value, str) else value
+    if not isinstance(addresses, list) or not addresses:
+        return value, f"expected an address or a non-empty list of addresses, got {value!r}"
+    for address in addresses:
+        if not isinstance(address, str):
+            return value, f"expected an address string, got {type(address).__name__}"
+        try:
+            parse_listen(address)
+        except ValueError as exc:
+            return value, str(exc)
+    if len(set(addresses)) != len(addresses):
+        return value, "an address is listed twice"
+    return tuple(addresses), None
+
+
 def _check_value(key: str, value: Any, tp: Any, meta: Any) -> tuple[Any, Optional[str]]:
     kind = meta.get("kind")
     if kind == "cores":
         return _check_cores(value)
+    if kind == "listen":
+        return _check_listen(value)
     if kind in ("strings", "regexes"):
         return _check_strings(value, kind)
     if kind == "redactions":
@@ -598,6 +733,8 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(f"{src}: socket.path: must not be empty")
     elif len(cfg.socket.path.encode()) > 107:
         problems.append(f"{src}: socket.path: longer than the 107 bytes a Unix socket allows")
+    if cfg.http.enabled:
+        _http_problems(cfg.http, src, problems)
     node_id = cfg.node_id or socket.gethostname().split(".")[0]
     if not NODE_ID_RE.fullmatch(node_id):
         problems.append(
@@ -605,6 +742,47 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
             "(it becomes part of MQTT topics)"
         )
     return dataclasses.replace(cfg, node_id=node_id)
+
+
+def _http_problems(http: HttpConfig, src: str, problems: list[str]) -> None:
+    try:  # read now as at start: as the service's user, every way it can fail
+        keys = read_api_keys(http)
+    except OSError as exc:
+        problems.append(f"{src}: http.api_keys_file: {api_keys_path(http)[0]}: {exc.strerror}")
+        return
+    if not keys:
+        for address in http.listen:
+            host, _port = parse_listen(address)
+            if not is_loopback(host):
+                problems.append(
+                    f"{src}: http.listen: {address} is reachable from other machines, so "
+                    "clients must present a key: set http.api_keys_file (or pass the "
+                    "http-api-keys credential)"
+                )
+    if (http.tls_cert_file == "") != (http.tls_key_file == ""):
+        problems.append(f"{src}: http.tls_cert_file: goes together with http.tls_key_file")
+    elif http.tls_cert_file:
+        try:
+            server_tls(http)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problems.append(
+                f"{src}: http.tls_key_file: {http.tls_key_file}: cannot load it with "
+                f"tls_cert_file {http.tls_cert_file}: {reason}"
+            )
+
+
+def server_tls(http: HttpConfig) -> Optional[ssl.SSLContext]:
+    """The HTTPS context for the configured certificate and key (None for plain HTTP)."""
+    if not http.tls_cert_file:
+        return None
+    for path in (http.tls_cert_file, http.tls_key_file):
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would hang the load
+            raise OSError(errno.EINVAL, f"{path}: not a regular file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(http.tls_cert_file, http.tls_key_file, password=_no_passphrase)
+    return context
 
 
 def parse(text: str, source: str) -> Config:

@@ -19,10 +19,13 @@ from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
 from edgeagent.escalation import Escalator, default_spool_path
+from edgeagent.http_server import HttpFrontEnd
+from edgeagent.metrics import Metrics
 from edgeagent.mqtt_client import SecretError
 from edgeagent.mqtt_link import MqttLink
 from edgeagent.socket_server import SocketError, SocketServer
 from edgeagent.systemd import Notifier, inherited_unix_socket, watchdog_interval
+from edgeagent.transport import FrontEnd
 
 log = logging.getLogger("edgeagent")
 
@@ -189,20 +192,40 @@ async def serve(cfg: Config, started: float) -> int:
     except models.ModelError as exc:
         log.error("%s", exc)
         return EXIT_MODEL
+    dispatcher: Optional[Dispatcher] = None
+    metrics = Metrics(lambda: dispatcher.gauges() if dispatcher is not None else {})
+    # HTTP listens while the model loads, so that /health can say so (and a port that is
+    # taken ends the start before the load, not after).
+    http: Optional[HttpFrontEnd] = None
+    if cfg.http.enabled:
+        try:
+            http = HttpFrontEnd(cfg.http, metrics, model_name)
+            await http.start()
+        except OSError as exc:
+            log.error("%s: %s", cfg.source, exc.strerror or exc)
+            return EXIT_CONFIG if http is None else EXIT_LISTEN
     engine = Engine(cfg, model_file, model_name, sha)
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(None, engine.start, placement)
     except Exception as exc:
         log.error("cannot load model %s: %s", model_file, exc)
+        if http is not None:
+            await http.close()
         return EXIT_MODEL
 
     dispatcher = Dispatcher(cfg, engine, loop)
+    dispatcher.prometheus = metrics
     dispatcher.status_sections["cpu"] = lambda: cpu_status(engine)
+
+    async def refuse_start(code: int) -> int:
+        if http is not None:
+            await http.close()
+        engine.stop()
+        return code
 
     def secret_refused(exc: SecretError) -> int:
         log.error("%s: %s", cfg.source, exc)
-        engine.stop()
         return EXIT_CONFIG
 
     # Both links read their broker's password as they are made, so they are made before
@@ -213,7 +236,7 @@ async def serve(cfg: Config, started: float) -> int:
         try:
             link = MqttLink(cfg, dispatcher, loop, lambda: describe(engine))
         except SecretError as exc:
-            return secret_refused(exc)
+            return await refuse_start(secret_refused(exc))
         dispatcher.status_sections["mqtt"] = link.status
     escalator: Optional[Escalator] = None
     if cfg.escalation.enabled:
@@ -221,13 +244,12 @@ async def serve(cfg: Config, started: float) -> int:
             escalator = Escalator(cfg, loop)
             await escalator.start()
         except SecretError as exc:
-            return secret_refused(exc)
+            return await refuse_start(secret_refused(exc))
         except (OSError, sqlite3.Error) as exc:
             where = cfg.escalation.spool_path or default_spool_path()
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             log.error("cannot open the escalation spool %s: %s", where, why)
-            engine.stop()
-            return EXIT_SPOOL
+            return await refuse_start(EXIT_SPOOL)
         dispatcher.escalator = escalator
         dispatcher.status_sections["escalation"] = escalator.status
 
@@ -237,11 +259,15 @@ async def serve(cfg: Config, started: float) -> int:
         await server.start(inherited_unix_socket())
     except SocketError as exc:
         log.error("%s", exc)
-        engine.stop()
-        return EXIT_LISTEN
-
+        return await refuse_start(EXIT_LISTEN)
+    front_ends: list[FrontEnd] = [server]
+    if http is not None:
+        http.attach(dispatcher)
+        dispatcher.status_sections["http"] = http.status
+        front_ends.append(http)
     if link is not None:
-        link.start()
+        await link.start()
+        front_ends.append(link)
     if escalator is not None:
         escalator.followups = link
         await escalator.redeliver()
@@ -257,6 +283,8 @@ async def serve(cfg: Config, started: float) -> int:
         server.cfg = new.socket
         if link is not None:
             link.cfg = new
+        if http is not None and new.http.enabled:
+            http.reload_keys(new.http)  # a key taken out of the file stops working now
         logging.getLogger().setLevel(new.log.level.upper())
 
     def reload() -> None:
@@ -327,16 +355,18 @@ async def serve(cfg: Config, started: float) -> int:
     log.info("stopping: finishing in-flight requests (up to %.0f s)", drain_s)
     notifier.stopping("draining")
     tasks[0].cancel()
-    await server.stop_listening()
-    if link is not None:
-        link.stop_accepting()
+    for front_end in front_ends:
+        await front_end.stop_accepting()
     cancelled = await dispatcher.drain(drain_s, STOP_GRACE_S)
     await asyncio.sleep(0.05)  # let the last events reach the sockets
-    server.close_connections()
+    # MQTT goes last: the escalator's last follow-ups are published through it.
+    for front_end in front_ends:
+        if front_end is not link:
+            await front_end.close()
     if escalator is not None:
         await escalator.stop()
     if link is not None:
-        await link.stop()
+        await link.close()
     for task in tasks:
         task.cancel()
     await loop.run_in_executor(None, engine.stop, ENGINE_JOIN_S)

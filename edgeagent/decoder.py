@@ -231,8 +231,10 @@ class BatchDecoder:
 
     # --- sampling -------------------------------------------------------------------------
 
-    def set_sampler(self, slot: Slot, temperature: Optional[float], seed: int = 0) -> None:
-        """Greedy for temperature 0, else top-k, top-p, min-p, temperature, random draw."""
+    def set_sampler(self, slot: Slot, temperature: Optional[float], seed: int = 0,
+                    top_p: Optional[float] = None) -> None:  # fmt: skip
+        """Greedy for temperature 0, else top-k, top-p (TOP_P unless given), min-p,
+        temperature, random draw."""
         lib = self._lib
         if slot.sampler is not None:
             lib.llama_sampler_free(slot.sampler)
@@ -244,7 +246,9 @@ class BatchDecoder:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         else:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(TOP_K))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(TOP_P, 1))
+            lib.llama_sampler_chain_add(
+                chain, lib.llama_sampler_init_top_p(TOP_P if top_p is None else top_p, 1)
+            )
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(MIN_P, 1))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(temperature))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))

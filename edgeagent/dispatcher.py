@@ -14,61 +14,23 @@ import logging
 import os
 import time
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import psutil
 
 from edgeagent import __version__, policy, protocol
 from edgeagent import spool as sp
 from edgeagent.config import Config
-from edgeagent.engine import Engine, EngineBusy, EngineStopped, Event, Job
-from edgeagent.escalation import SpoolError
-from edgeagent.protocol import Op, ProtocolError, Request
-
-if TYPE_CHECKING:
-    from edgeagent.escalation import Escalator
+from edgeagent.engine import Engine, EngineBusy, EngineStopped, Job
+from edgeagent.escalation import Escalator, SpoolError
+from edgeagent.metrics import Metrics
+from edgeagent.protocol import FINAL_EVENTS, Event, Op, ProtocolError, Request
+from edgeagent.transport import ReplySink
 
 log = logging.getLogger("edgeagent.dispatcher")
 
-FINAL_EVENTS = ("done", "error")
 # After a shutdown's cancel, how long the engine gets to answer before the dispatcher does.
 CANCEL_GRACE_S = 1.0
-
-
-class ReplySink(Protocol):
-    """Where a request's events go. Implemented once per transport (socket, MQTT)."""
-
-    @property
-    def peer(self) -> str:
-        """Who is asking, for logs."""
-
-    @property
-    def identity(self) -> str:
-        """Who the client is, for what outlives a request: sessions, results, quotas, the
-        prompt cache. Socket: the peer's uid (SO_PEERCRED); MQTT: the reply topic."""
-
-    @property
-    def scope(self) -> Hashable:
-        """Request ids are unique within a scope: a socket connection, an MQTT reply topic."""
-
-    @property
-    def max_inflight(self) -> int:
-        """How many requests this scope may have in flight at once."""
-
-    @property
-    def priority(self) -> int:
-        """Priority of this transport's requests that set none (terminals before bulk jobs)."""
-
-    @property
-    def closed(self) -> bool:
-        """The client is gone: its events are dropped."""
-
-    @property
-    def reply_address(self) -> Optional[tuple[str, Optional[bytes]]]:
-        """(MQTT reply topic, correlation data) for follow-ups; None for a terminal."""
-
-    def send(self, event: Event) -> None:
-        """Queue an event for the client; called on the event loop, must not block."""
 
 
 class Stats:
@@ -190,6 +152,7 @@ class Dispatcher:
         # Transports add their own section to status (e.g. "mqtt": connection state).
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self.escalator: Optional[Escalator] = None
+        self.prometheus: Optional[Metrics] = None  # /metrics, where the HTTP front end runs
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- entry points for transports (event loop only) ------------------------------------
@@ -224,6 +187,10 @@ class Dispatcher:
         """The client went away: stop everything it asked for."""
         for entry in [e for e in self._inflight.values() if e.sink is sink]:
             self._stop(entry, protocol.CANCELLED)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
 
     def inflight_for(self, sink: ReplySink) -> int:
         return self._per_scope.get(sink.scope, 0)
@@ -277,7 +244,7 @@ class Dispatcher:
 
     def _reply_error(self, sink: ReplySink, rid: Optional[str], code: str, message: str) -> None:
         event = protocol.error_event(rid, code, message)
-        self.stats.record(event)
+        self._count(event, sink)
         if not sink.closed:
             sink.send(event)
 
@@ -434,10 +401,8 @@ class Dispatcher:
         }
 
     def _queued_done(self, entry: _Inflight) -> Event:
-        return {
-            "event": "done", "id": entry.request.id, "text": "", "source": "queued",
-            "node_id": self.cfg.node_id, "finish_reason": "queued",
-        }  # fmt: skip
+        return protocol.done_event(entry.request.id, "", source="queued",
+                                   node_id=self.cfg.node_id, finish_reason="queued")  # fmt: skip
 
     def _cloud_restart(self, entry: _Inflight) -> None:
         """The cloud starts (again) on this answer: tokens it streamed before are void."""
@@ -482,18 +447,17 @@ class Dispatcher:
         started = entry.cloud_started or now
         self._deliver(
             entry,
-            {
-                "event": "done",
-                "id": req.id,
-                "text": text,
-                "source": "cloud",
-                "node_id": self.cfg.node_id,
-                "finish_reason": event.get("finish_reason", "stop"),
-                "model": event.get("model", ""),
+            protocol.done_event(
+                req.id,
+                text,
+                source="cloud",
+                node_id=self.cfg.node_id,
+                finish_reason=event.get("finish_reason", "stop"),
+                model=event.get("model", ""),
                 **({"session": req.session} if req.session else {}),
-                "usage": event.get("usage", {}),
-                "timings": {"total_ms": round((now - started) * 1000, 1)},
-            },
+                usage=event.get("usage", {}),
+                timings={"total_ms": round((now - started) * 1000, 1)},
+            ),
         )
 
     def _cloud_timeout(self, entry: _Inflight) -> None:
@@ -580,7 +544,7 @@ class Dispatcher:
         self._per_scope[scope] -= 1
         if self._per_scope[scope] <= 0:
             del self._per_scope[scope]
-        self.stats.record(event)
+        self._count(event, entry.sink)
         if not self._inflight:
             self.idle.set()
         if event["event"] == "error":
@@ -590,6 +554,43 @@ class Dispatcher:
             log.debug("%s %s: done, %s", entry.sink.peer, event["id"], event.get("usage"))
         if not entry.sink.closed:
             entry.sink.send(event)
+
+    def _count(self, event: Event, sink: ReplySink) -> None:
+        self.stats.record(event)
+        if self.prometheus is not None:
+            try:
+                self.prometheus.record(event, sink.front_end)
+            except Exception:  # a count lost, never the answer
+                log.exception("counting %s for /metrics failed", event.get("event"))
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """What /metrics reads at each scrape besides the counters: plain attributes and
+        counts, nothing that waits on the inference thread."""
+        eng = self.engine
+        out: dict[str, tuple[str, float]] = {
+            "edgeagent_ready": ("1 while the daemon takes requests", float(self.accepting)),
+            "edgeagent_queue_depth": ("Requests waiting for a slot", eng.queue_depth),
+            "edgeagent_slots": ("Slots: requests decoded together", eng.parallel),
+            "edgeagent_slots_busy": ("Slots generating an answer", eng.active),
+            "edgeagent_requests_in_flight": (
+                "Requests accepted, not answered yet",
+                len(self._inflight),
+            ),
+            "edgeagent_sessions": ("Conversations kept for follow-ups", len(eng.sessions)),
+        }
+        mqtt = self.status_sections.get("mqtt")
+        if mqtt is not None:
+            connected = float(bool(mqtt().get("connected")))
+            out["edgeagent_mqtt_connected"] = ("1 while connected to the line's broker", connected)
+        if self.escalator is not None:
+            esc = self.escalator
+            out["edgeagent_cloud_link_up"] = ("1 while a cloud worker is reachable", float(esc.up))
+            waiting = esc.spool_counts.get("waiting", 0)
+            out["edgeagent_spool_waiting"] = (
+                "Escalations waiting in the spool for the cloud",
+                waiting,
+            )
+        return out
 
     def _handle_op(self, op: Op, sink: ReplySink) -> None:
         if op.op == "status":

@@ -41,14 +41,12 @@ from edgeagent.decoder import (
     starts_with,
 )
 from edgeagent.promptcache import PromptCache
-from edgeagent.protocol import Request
+from edgeagent.protocol import Event, Request
 
 log = logging.getLogger("edgeagent.engine")
 # Copy another slot's cells when they hold at least this many more prompt tokens than the
 # chosen slot has (a copy is about a millisecond; one token's evaluation is several).
 COPY_MIN_TOKENS = 4
-
-Event = dict[str, Any]
 
 
 class EngineBusy(Exception):
@@ -905,7 +903,8 @@ class Engine:
             dec.set_sampler(
                 slot,
                 self.cfg.model.temperature if req.temperature is None else req.temperature,
-                seed=int.from_bytes(os.urandom(4), "little"),
+                seed=int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed,
+                top_p=req.top_p,
             )
         except Exception as exc:
             log.exception("request %s failed to start", req.id)
@@ -1188,21 +1187,20 @@ class Engine:
                 turn = [{**m, PRIVATE: "1"} for m in turn]
             self.sessions.commit(a.conv, turn)
         job.emit(
-            {
-                "event": "done",
-                "id": req.id,
-                "text": text,
-                "source": "local",
-                "node_id": self.cfg.node_id,
-                "finish_reason": finish,
-                "model": self.model_name,
+            protocol.done_event(
+                req.id,
+                text,
+                source="local",
+                node_id=self.cfg.node_id,
+                finish_reason=finish,
+                model=self.model_name,
                 **({"session": req.session} if req.session else {}),
                 **(
                     {"confidence": {"mean_logprob": round(a.logprob_sum / n, 3)}}
                     if job.want_confidence and n
                     else {}
                 ),
-                "usage": {
+                usage={
                     "prompt_tokens": len(a.prompt),
                     "cached_tokens": a.cached,
                     "evaluated_tokens": len(a.prompt) - a.cached,
@@ -1210,7 +1208,7 @@ class Engine:
                     "completion_tokens": n,
                     "total_tokens": len(a.prompt) + n,
                 },
-                "timings": {
+                timings={
                     "queue_ms": round((a.started - job.received) * 1000, 1),
                     "ttft_ms": round((first_at - job.received) * 1000, 1),
                     "prompt_ms": round((first_at - a.started) * 1000, 1),
@@ -1220,7 +1218,7 @@ class Engine:
                     else None,
                     "peak_batch": a.peak_batch,
                 },
-            }
+            )
         )
         if a.conv is not None and self.sessions.kv_budget:
             # After `done`, off the latency path. The last sampled token has no cells yet.

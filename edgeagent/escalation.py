@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
@@ -37,9 +37,7 @@ from edgeagent.mqtt_client import (
 from edgeagent.policy import Rules
 from edgeagent.spool import Entry, EscalationSpool, QuotaExceeded
 from edgeagent.topics import CloudTopics
-
-if TYPE_CHECKING:
-    from edgeagent.dispatcher import ReplySink
+from edgeagent.transport import ReplySink
 
 log = logging.getLogger("edgeagent.escalation")
 

@@ -26,8 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent import protocol
 from edgeagent.config import Config, MqttConfig
-from edgeagent.dispatcher import FINAL_EVENTS, Dispatcher
-from edgeagent.engine import Event
+from edgeagent.dispatcher import Dispatcher
 from edgeagent.mqtt_client import (
     connect_failure,
     connect_properties,
@@ -35,6 +34,7 @@ from edgeagent.mqtt_client import (
     publish_properties,
     read_secret,
 )
+from edgeagent.protocol import FINAL_EVENTS, Event
 from edgeagent.topics import Topics, reply_topic_problem
 
 log = logging.getLogger("edgeagent.mqtt")
@@ -97,6 +97,8 @@ class _Delivery:
 
 class MqttReplySink:
     """A ReplySink publishing one request's events to its reply topic, tokens coalesced."""
+
+    front_end = "mqtt"
 
     def __init__(
         self,
@@ -179,6 +181,11 @@ class MqttReplySink:
 
 
 class MqttLink:
+    """The MQTT front end: requests from line equipment, answers on their reply topics
+    (docs/mqtt.md)."""
+
+    name = "mqtt"
+
     def __init__(
         self,
         cfg: Config,
@@ -241,7 +248,7 @@ class MqttLink:
         client.on_publish = self._on_publish
         return client
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Connect in the background: a broker that is down delays nothing, we keep trying."""
         m = self.cfg.mqtt
         props = None
@@ -262,7 +269,7 @@ class MqttLink:
             " and ".join(self.topics.subscriptions(self.deep)),
         )  # fmt: skip
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
         """Publish `offline` (retained), then disconnect cleanly (no Last Will)."""
         if self._metrics_task is not None:
             self._metrics_task.cancel()
@@ -288,7 +295,7 @@ class MqttLink:
             **dict(self.counters),
         }
 
-    def stop_accepting(self) -> None:
+    async def stop_accepting(self) -> None:
         """From now on leave new requests unacknowledged at the broker, for our next start."""
         self.accepting = False
 

@@ -1,7 +1,10 @@
-"""The request/reply JSON shared by every transport: parsing, validation and event builders.
+"""The request/reply vocabulary shared by every front end: parsing, validation, the events a
+request gets and their builders.
 
 See docs/protocol.md. Parsing never raises anything but ProtocolError, whose `code` and
-`request_id` go straight into the `error` event the caller gets.
+`request_id` go straight into the `error` event the caller gets. A front end that speaks
+another wire format (HTTP's OpenAI API) translates to and from these, so that every front end
+means the same by a request and its answer (edgeagent/transport.py).
 """
 
 from __future__ import annotations
@@ -28,9 +31,15 @@ CLOUD_ERROR = "cloud_error"  # the cloud model could not answer an escalation
 ERROR_CODES = (BAD_REQUEST, BUSY, TOO_LONG, TIMEOUT, CANCELLED, INTERNAL, CLOUD_ERROR)
 
 REQUEST_FIELDS = {
-    "id", "messages", "prompt", "session", "max_tokens", "temperature", "stream", "deadline_ms",
-    "stop", "escalate", "private", "priority",
+    "id", "messages", "prompt", "session", "max_tokens", "temperature", "top_p", "seed",
+    "stream", "deadline_ms", "stop", "escalate", "private", "priority",
 }  # fmt: skip
+MAX_SEED = 2**32 - 2  # llama.cpp takes 2**32 - 1 as "pick a random seed"
+
+# The events a request gets: any number of `token` (and `restart`, which voids the tokens
+# before it), then exactly one final event carrying its id.
+Event = dict[str, Any]
+FINAL_EVENTS = ("done", "error")
 OPS = {
     "status": {"op"},
     "cancel": {"op", "id"},
@@ -54,6 +63,8 @@ class Request:
     session: Optional[str] = None
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
+    top_p: Optional[float] = None  # nucleus sampling bound (with temperature > 0)
+    seed: Optional[int] = None  # the random draw's seed: the same answer for the same request
     stream: bool = True
     deadline_ms: Optional[int] = None
     stop: tuple[str, ...] = ()
@@ -189,6 +200,14 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
         ):
             raise ProtocolError(BAD_REQUEST, "`temperature` must be a number from 0 to 2")
         temperature = float(temperature)
+    top_p = obj.get("top_p")
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ProtocolError(BAD_REQUEST, "`top_p` must be a number above 0, at most 1")
+        top_p = float(top_p)
+    seed = obj.get("seed")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise ProtocolError(BAD_REQUEST, f"`seed` must be an integer from 0 to {MAX_SEED}")
     stream = obj.get("stream", True)
     if not isinstance(stream, bool):
         raise ProtocolError(BAD_REQUEST, "`stream` must be true or false")
@@ -217,6 +236,8 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
         session=session,
         max_tokens=max_tokens,
         temperature=temperature,
+        top_p=top_p,
+        seed=seed,
         stream=stream,
         deadline_ms=deadline_ms,
         stop=tuple(stop),
@@ -251,19 +272,29 @@ def _parse_messages(value: Any) -> tuple[dict[str, str], ...]:
 # --- events -----------------------------------------------------------------------------------
 
 
-def token_event(rid: str, text: str) -> dict[str, Any]:
+def token_event(rid: str, text: str) -> Event:
     return {"event": "token", "id": rid, "text": text}
 
 
-def restart_event(rid: str, reason: str) -> dict[str, Any]:
+def restart_event(rid: str, reason: str) -> Event:
     """The tokens streamed so far for `rid` are void; the answer starts again."""
     return {"event": "restart", "id": rid, "reason": reason}
 
 
-def error_event(rid: Optional[str], code: str, message: str) -> dict[str, Any]:
+def error_event(rid: Optional[str], code: str, message: str) -> Event:
     return {"event": "error", "id": rid, "code": code, "message": message}
 
 
-def encode(event: dict[str, Any]) -> bytes:
+def done_event(rid: str, text: str, *, source: str, node_id: str, finish_reason: str,
+               **fields: Any) -> Event:  # fmt: skip
+    """A request's answer. `source`: "local", "cloud" or "queued" (the cloud's answer comes
+    later as a `cloud_answer`); `fields` add model, session, usage, timings, escalation."""
+    return {
+        "event": "done", "id": rid, "text": text, "source": source, "node_id": node_id,
+        "finish_reason": finish_reason, **fields,
+    }  # fmt: skip
+
+
+def encode(event: Event) -> bytes:
     """One JSON line. ensure_ascii keeps the wire 7-bit clean for simple terminal clients."""
     return json.dumps(event, separators=(",", ":")).encode() + b"\n"

@@ -18,7 +18,7 @@ from typing import Any, Optional, TypeVar
 from edgeagent import protocol
 from edgeagent.config import SocketConfig
 from edgeagent.dispatcher import Dispatcher
-from edgeagent.engine import Event
+from edgeagent.protocol import Event
 
 log = logging.getLogger("edgeagent.socket")
 
@@ -53,6 +53,8 @@ def peer_credentials(sock: socket.socket) -> tuple[str, str]:
 
 class ConnectionSink:
     """A ReplySink writing JSON lines to one connected terminal."""
+
+    front_end = "socket"
 
     def __init__(self, writer: asyncio.StreamWriter, peer: str, identity: str, max_inflight: int,
                  max_unsent: int, priority: int = 0) -> None:  # fmt: skip
@@ -125,6 +127,10 @@ class ConnectionSink:
 
 
 class SocketServer:
+    """The Unix socket front end: JSON lines from factory terminals (docs/protocol.md)."""
+
+    name = "socket"
+
     def __init__(self, cfg: SocketConfig, dispatcher: Dispatcher) -> None:
         self.cfg = cfg
         self.dispatcher = dispatcher
@@ -197,7 +203,7 @@ class SocketServer:
             probe.close()
         raise SocketError(f"{self.path} is in use by another running daemon")
 
-    async def stop_listening(self) -> None:
+    async def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -207,7 +213,7 @@ class SocketServer:
                 self.path.unlink()
             self._owns_path = False
 
-    def close_connections(self) -> None:
+    async def close(self) -> None:
         for sink in list(self._connections):
             sink.close()
 

@@ -204,7 +204,7 @@ def start_daemon(
     )
     cfg.write_text(
         f'node_id = "bench"\n[model]\npath = "{model_file}"\nn_ctx = {n_ctx}\n'
-        f'max_tokens = 1024\n[cpu]\n{cpu}\n[socket]\npath = "{sock}"\n'
+        f'max_tokens = 1024\n[cpu]\n{cpu}\n[socket]\npath = "{sock}"\n[http]\nenabled = false\n'
         f'[log]\nlevel = "warning"\n{mqtt}'
     )
     t0 = time.perf_counter()

@@ -285,7 +285,7 @@ def daemon_config(
         f"[cpu]\nthreads = {threads}\n[engine]\nparallel = {parallel}\nqueue_size = 64\n"
         f"batch_invariant = {str(batch_invariant).lower()}\n"
         f'prefix_cache_dir = "{prefix_dir or workdir / "prefix"}"\n'
-        f'[socket]\npath = "{sock}"\n[log]\nlevel = "warning"\n'
+        f'[socket]\npath = "{sock}"\n[http]\nenabled = false\n[log]\nlevel = "warning"\n'
     )
     return cfg, sock
 

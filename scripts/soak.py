@@ -350,7 +350,7 @@ class Stack:
             "[cpu]\nthreads = 1\n"  # the stand-in takes the other core; robust beside other load
             "[engine]\nqueue_size = 8\nmax_sessions = 4\nsession_max_turns = 4\n"
             f'session_cache_mb = 32\nprefix_cache_dir = "{work / "prefix"}"\n'
-            f'[socket]\npath = "{self.socket_path}"\n'
+            f'[socket]\npath = "{self.socket_path}"\n[http]\nenabled = false\n'
             '[log]\nlevel = "info"\n'
             f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {self.local.port}\n'
             "keepalive = 2\nreconnect_min_s = 1\nreconnect_max_s = 2\nmetrics_interval_s = 10\n"

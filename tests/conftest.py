@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,13 +33,30 @@ def model_file() -> Path:
     return models.fetch(spec)
 
 
+def http_section(port: int) -> str:
+    """The [http] table of a test daemon: its own free port, never the default 8080."""
+    return f'\n[http]\nlisten = "127.0.0.1:{port}"\n'
+
+
+def with_http(config_text: str) -> tuple[str, int]:
+    """The config with an [http] table on a free port unless it has one; and that port (0
+    when the config's own table says nothing the tests can find)."""
+    if "[http]" not in config_text:
+        port = free_port()
+        return config_text + http_section(port), port
+    found = re.search(r'listen\s*=\s*\[?\s*"127\.0\.0\.1:(\d+)"', config_text)
+    return config_text, int(found.group(1)) if found else 0
+
+
 class Daemon:
-    """A real `edgeagent run` process with its own config, socket and log file."""
+    """A real `edgeagent run` process with its own config, socket, HTTP port and log file."""
 
     def __init__(self, workdir: Path, config_text: str) -> None:
         self.workdir = workdir
         self.socket_path = str(workdir / "edgeagent.sock")
         self.config_path = workdir / "edgeagent.toml"
+        config_text, self.http_port = with_http(config_text)
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.config_path.write_text(config_text.replace("@SOCKET@", self.socket_path))
         self.log_path = workdir / "daemon.log"
         self.proc: Optional[subprocess.Popen[bytes]] = None
@@ -218,11 +236,21 @@ path = "@SOCKET@"
 
 
 def config_text(
-    n_ctx: int = 2048, queue_size: int = 8, node_id: str = "test-node", engine_extra: str = ""
+    n_ctx: int = 2048,
+    queue_size: int = 8,
+    node_id: str = "test-node",
+    engine_extra: str = "",
+    http: bool = True,
 ) -> str:
-    return BASE_CONFIG.format(
+    """A test daemon's config (with @SOCKET@ for its socket path), HTTP on a free port unless
+    `http` is False (for a test that writes its own [http] table). [socket] stays the last
+    table, for the tests that add keys to it."""
+    text = BASE_CONFIG.format(
         n_ctx=n_ctx, queue_size=queue_size, node_id=node_id, engine_extra=engine_extra
     )
+    if not http:
+        return text
+    return text.replace("\n[socket]\n", http_section(free_port()) + "[socket]\n", 1)
 
 
 @pytest.fixture(scope="session")

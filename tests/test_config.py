@@ -129,12 +129,64 @@ def test_values_are_read() -> None:
         ('[worker]\nworker_id = "w\\n"\n', "t.toml: worker.worker_id: 1-64 of letters"),
         ("[mqtt]\ntopic_prefix = 'plant//line'\n", "t.toml: mqtt.topic_prefix: 'plant//line' must"),
         ("[cloud]\ntopic_prefix = '/plant'\n", "t.toml: cloud.topic_prefix: '/plant' must be"),
+        # HTTP: addresses, keys where other machines can reach it, TLS files in pairs.
+        ('[http]\nlisten = "8080"\n', 't.toml: http.listen: expected "HOST:PORT"'),
+        ('[http]\nlisten = "127.0.0.1:99999"\n', "t.toml: http.listen: port '99999' is not"),
+        ("[http]\nlisten = []\n", "t.toml: http.listen: expected an address or a non-empty"),
+        ('[http]\nlisten = ["127.0.0.1:1", "127.0.0.1:1"]\n', "t.toml: http.listen: an address"),
+        ('[http]\nlisten = "0.0.0.0:8080"\n', "t.toml: http.listen: 0.0.0.0:8080 is reachable"),
+        ('[http]\nlisten = "[::]:8080"\n', "t.toml: http.listen: [::]:8080 is reachable"),
+        ('[http]\nlisten = "box.local:8080"\n', "t.toml: http.listen: box.local:8080 is reach"),
+        (
+            '[http]\napi_keys_file = "/nonexistent/keys"\n',
+            "t.toml: http.api_keys_file: /nonexistent/keys: cannot read",
+        ),
+        ('[http]\ntls_cert_file = "/etc/hostname"\n', "t.toml: http.tls_cert_file: goes together"),
     ],
 )
 def test_problems_name_file_key_and_reason(text: str, expected: str) -> None:
     with pytest.raises(config.ConfigError) as info:
         config.parse(text, "t.toml")
     assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_http_needs_no_keys_on_loopback_and_unix_sockets() -> None:
+    cfg = config.parse('[http]\nlisten = ["127.0.0.1:8080", "[::1]:8080", "localhost:81", '
+                       '"/run/edgeagent/http.sock"]\n', "t.toml")  # fmt: skip
+    assert cfg.http.listen[3] == "/run/edgeagent/http.sock"
+    assert config.parse("[http]\nenabled = false\nlisten = '0.0.0.0:80'\n", "t.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("line-3 k3-0123456789abcdef\n", "line 1: expected `name: key`"),
+        ("line-3: short\n", "line 1: the key must be 16-256"),
+        ("# ok\n\na: 0123456789abcdef\na: fedcba9876543210\n", "line 4: the name is given twice"),
+        ("a: 0123456789abcdef\nb: 0123456789abcdef\n", "line 2: the key is the same as an"),
+        ("0123456789abcdef: kiosk\n", "line 1: the key must be 16-256"),
+        ("a b: 0123456789abcdef\n", "line 1: expected `name: key`"),
+    ],
+)
+def test_api_keys_file_problems_name_the_line_never_the_key(
+    tmp_path: Path, text: str, reason: str
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(text)
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(f'[http]\napi_keys_file = "{keys}"\nlisten = "0.0.0.0:80"\n', "t.toml")
+    [problem] = info.value.problems
+    assert problem.startswith(f"t.toml: http.api_keys_file: {keys}: {reason}")
+    assert "0123456789abcdef" not in str(info.value)
+
+
+def test_api_keys_come_from_the_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "http-api-keys").write_text("kiosk-1: 0123456789abcdef0123\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    cfg = config.parse('[http]\nlisten = "0.0.0.0:80"\n', "t.toml")
+    assert config.read_api_keys(cfg.http) == {"0123456789abcdef0123": "kiosk-1"}
 
 
 def test_every_problem_is_reported_at_once() -> None:

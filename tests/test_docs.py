@@ -35,8 +35,9 @@ INLINE_CODE_RE = re.compile(r"`([^`\n]+)`")
 COMMAND_RE = re.compile(r"(?:^|(?<=[$|;&(] )|(?<=sudo )|(?<=/))edgeagent +(?=[a-z-])", re.M)
 SHELL_OPERATOR_RE = re.compile(r"^[|&;<>()]+$")
 # Keys whose value names a file or directory; Placeholders makes what stands in for each.
-FILE_KEYS = ("password_file", "api_key_file", "ca_file", "cert_file", "key_file",
-             "spool_path", "prefix_cache_dir")  # fmt: skip
+FILE_KEYS = ("password_file", "api_key_file", "api_keys_file", "ca_file", "cert_file",
+             "key_file", "tls_cert_file", "tls_key_file", "spool_path",
+             "prefix_cache_dir")  # fmt: skip
 # Events the code sends to clients; the scan below must find at least these.
 CLIENT_EVENTS = {"token", "restart", "done", "error", "cloud_answer", "status", "cancel",
                  "reset", "result"}  # fmt: skip
@@ -78,9 +79,13 @@ class Placeholders:
             path = self.root / key
             path.write_text("placeholder\n")
             return path
-        if key in ("ca_file", "cert_file", "key_file"):
+        if key == "api_keys_file":
+            path = self.root / key
+            path.write_text("terminal-1: placeholder-key-0123456789\n")
+            return path
+        if key in ("ca_file", "cert_file", "key_file", "tls_cert_file", "tls_key_file"):
             crt, pem = self.tls()
-            return pem if key == "key_file" else crt
+            return pem if key.endswith("key_file") else crt
         if key == "prefix_cache_dir":
             (self.root / "prefix").mkdir(exist_ok=True)
             return self.root / "prefix"
@@ -252,6 +257,7 @@ def code_finish_reasons() -> set[str]:
         if module.name != "cloud_worker.py":  # the cloud model's reasons are its own
             text = module.read_text()
             names |= set(re.findall(r'"finish_reason":\s*"(\w+)"', text))
+            names |= set(re.findall(r'finish_reason="(\w+)"', text))  # protocol.done_event(...)
             names |= set(re.findall(r'self\._finish\(\w+, "(\w+)"\)', text))
     return names
 

@@ -9,11 +9,13 @@ import queue
 import signal
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+import openai
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -197,6 +199,53 @@ def test_redacted_text_never_reaches_the_cloud_broker(edge: Daemon, sniffer: Sni
     assert any(done["escalation"]["id"].encode() in p and b"Unit [serial] rattles" in p
                for p in asked)  # fmt: skip
     assert not [t for t, p in seen if b"123456" in p]
+
+
+def test_escalation_over_http_streams_the_cloud_answer(edge: Daemon, sniffer: Sniffer) -> None:
+    """An OpenAI client asks with edgeagent's `escalate`; the stream says where it came from."""
+    marker = uuid.uuid4().hex[:8]
+    sdk = openai.OpenAI(base_url=f"{edge.http_url}/v1", api_key="x", max_retries=0)
+    chunks = list(sdk.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"Name one metal. ({marker})"}],
+        max_tokens=8, stream=True, extra_body={"escalate": True},
+    ))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    end = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    extra = end.model_extra or {}
+    assert end.model == STAND_IN and extra["source"] == "cloud", extra
+    assert extra["escalation"]["reason"] == "flag" and extra["escalation"]["status"] == "answered"
+    assert text.strip()
+    asked = [json.loads(p) for t, p in sniffer.seen() if t == "edgeagent-cloud/ask"]
+    assert [a["escalation_id"] for a in asked if marker in json.dumps(a)] == [
+        extra["escalation"]["id"]
+    ]
+
+
+def test_a_late_cloud_answer_is_fetched_over_http(stack: dict[str, Any], edge: Daemon) -> None:
+    server = stack["server"].proc
+    sdk = openai.OpenAI(base_url=f"{edge.http_url}/v1", api_key="x", max_retries=0)
+    server.send_signal(signal.SIGSTOP)  # the model server hangs
+    try:
+        reply = sdk.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8,
+            extra_body={"escalate": True},
+        )  # fmt: skip
+    finally:
+        server.send_signal(signal.SIGCONT)
+    extra = reply.model_extra or {}
+    assert extra["source"] == "local" and extra["escalation"]["status"] == "timeout", extra
+    esc_id = extra["escalation"]["id"]
+    deadline = time.monotonic() + 90
+    while True:
+        with urllib.request.urlopen(f"{edge.http_url}/v1/edgeagent/results/{esc_id}") as r:
+            result = json.loads(r.read())
+        if result["status"] != "queued" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert result["status"] == "answered" and result["model"] == STAND_IN, result
+    assert result["request_id"] == reply.id and result["text"].strip()
+    with urllib.request.urlopen(f"{edge.http_url}/v1/edgeagent/results/{reply.id}") as r:
+        assert json.loads(r.read())["text"] == result["text"]
 
 
 def test_cloud_timeout_answers_locally_then_follows_up(stack: dict[str, Any], edge: Daemon) -> None:

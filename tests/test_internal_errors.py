@@ -49,7 +49,7 @@ def test_engine_exception_becomes_internal_error_and_service_continues(tmp_path:
         writer.write(b'{"op": "status"}\n')
         events.append(json.loads(await asyncio.wait_for(reader.readline(), 10)))
         writer.close()
-        await server.stop_listening()
+        await server.stop_accepting()
         engine.stop()
         return events
 
