@@ -11,11 +11,13 @@ gives a row the same result whatever other rows share its call, with one excepti
 tiled K-quant matmul takes over from TILED_MIN_ROWS rows up and rounds differently from the
 row-by-row kernel below that. The default turns it off (GGML_CPU_TILED_MM=0): one kernel, one
 call per step. With GGML_CPU_TILED_MM=1 set for the daemon, a step is split into calls by the
-rows' roles instead (`steps`): tokens the model writes (decoded tokens, and an assistant turn's
-text when a prompt brings it back) in calls of fewer rows, row by row; all other prompt tokens
-in calls of at least TILED_MIN_ROWS rows, tiled (padded with throwaway rows when fewer). Either
-way a token's cells are the same however the prompt was chunked, whatever decoded beside it,
-and whether they were cached or computed again (tests/test_batch_invariance.py).
+rows' roles instead (`steps`): the model's words (decoded tokens; a prompt's last token, after
+which the model answers; and an assistant turn's text, with the token before it, when a prompt
+brings it back) in calls of fewer rows, row by row, together; all other prompt tokens in calls
+of at least TILED_MIN_ROWS rows, tiled (padded with throwaway rows when fewer). A prompt cached
+but for its last token thus rides along with the decoding streams' call. Either way a token's
+cells are the same however the prompt was chunked, whatever decoded beside it, and whether
+they were cached or computed again (tests/test_batch_invariance.py).
 """
 
 from __future__ import annotations
@@ -72,19 +74,42 @@ def kernel_tag(batch_invariant: bool, system_info: str) -> str:
 def tokens_inside(pieces: Sequence[bytes], size: int,
                   spans: Sequence[tuple[int, int]]) -> list[bool]:  # fmt: skip
     """For each token (its bytes in `pieces`, which spell a text of `size` bytes), whether it
-    lies wholly in one of the byte `spans` (sorted); all False when the pieces do not spell
-    the text (a first piece the text does not show, a BOS, is skipped)."""
+    lies wholly in one of the byte `spans` (sorted), or is the token that ends where a span
+    starts (the one the model answered after: it was read with the model's words, as the
+    last token of the prompt that asked); all False when the pieces do not spell the text (a
+    first piece the text does not show, a BOS, is skipped)."""
     lengths = [len(p) for p in pieces]
     if lengths and sum(lengths) == size + lengths[0]:
         lengths[0] = 0
+    starts = {start for start, _end in spans}
     out, offset, i = [], 0, 0
     for length in lengths:
         end = offset + length
         while i < len(spans) and spans[i][1] <= offset:
             i += 1
-        out.append(i < len(spans) and spans[i][0] <= offset and end <= spans[i][1])
+        inside = i < len(spans) and spans[i][0] <= offset and end <= spans[i][1]
+        out.append(inside or (length > 0 and end in starts))
         offset = end
     return out if offset == size else [False] * len(pieces)
+
+
+def pack(feeds: Sequence[Feed], limit: int) -> list[list[Feed]]:
+    """The feeds (in order) in as few calls of at most `limit` rows as they fit, the rows
+    spread evenly over the calls (8 streams in calls of 7: 4 and 4, not 7 and 1)."""
+    total = sum(len(tokens) for _slot, tokens, _want in feeds)
+    if not total:
+        return []
+    target = -(-total // -(-total // limit))
+    calls: list[list[Feed]] = [[]]
+    rows = 0
+    for feed in feeds:
+        size = len(feed[1])
+        if calls[-1] and (rows + size > limit or rows >= target):
+            calls.append([])
+            rows = 0
+        calls[-1].append(feed)
+        rows += size
+    return calls
 
 
 class DecodeError(RuntimeError):
@@ -142,9 +167,9 @@ class BatchDecoder:
         if batch_invariant:
             # By default the row-by-row matmul for every row, in one call per step. With
             # GGML_CPU_TILED_MM=1 in the environment, prompt text goes through the tiled
-            # kernel and steps are split by role (see above): prompts read faster, but every
-            # step that reads a prompt beside decoding streams takes one more llama_decode,
-            # which costs more than it gains with short prompts (docs/benchmarks.md).
+            # kernel and steps are split by role (see above): a long prompt reads faster, but
+            # a step that reads prompt text beside decoding streams takes one more
+            # llama_decode, and 8 or more streams take two calls a step (docs/benchmarks.md).
             os.environ.setdefault(TILED_ENV, "0")  # read once, at the process's first matmul
         info = llama_cpp.llama_print_system_info()
         self.kernels = kernel_tag(
@@ -359,11 +384,11 @@ class BatchDecoder:
             yield [f[0] for f in feeds if f[0].logits_at >= 0]
             return
         group = TILED_MIN_ROWS - 1
-        calls = -(-len(decodes) // group)
-        for i in range(calls):  # row by row, in calls of near-equal size
-            part = decodes[i * len(decodes) // calls : (i + 1) * len(decodes) // calls]
-            self.step(part)
-            yield [f[0] for f in part]
+        # Rows for the row-by-row kernel: the decoding streams, and each reading's last run of
+        # the model's own words (the token before an answer: a prompt's last one), which
+        # thus rides along with them instead of taking a call of its own.
+        rowwise: list[Feed] = list(decodes)
+        tails: set[int] = set()  # sequences whose rows in `rowwise` are pending prompt tokens
         for slot, count, want in reading:
             slot.written += [False] * (len(slot.pending) - len(slot.written))
             n = count
@@ -372,6 +397,10 @@ class BatchDecoder:
                 run = 1
                 while run < n and slot.written[run] == written:
                     run += 1
+                if written and run == n <= group:
+                    rowwise.append((slot, slot.pending[:run], want))
+                    tails.add(slot.seq)
+                    break
                 take = min(run, group) if written else run
                 last = take == n
                 tokens = slot.pending[:take]
@@ -379,6 +408,12 @@ class BatchDecoder:
                 del slot.pending[:take], slot.written[:take]
                 n -= take
                 yield [slot] if want and last else []
+        for part in pack(rowwise, group):
+            self.step(part)
+            for slot, tokens, _want in part:
+                if slot.seq in tails:
+                    del slot.pending[: len(tokens)], slot.written[: len(tokens)]
+            yield [f[0] for f in part if f[2]]
 
     def step(self, feeds: list[Feed], min_rows: int = 0) -> None:
         """Evaluate `tokens` for each (slot, tokens, want_logits) in one llama_decode call.

@@ -662,7 +662,12 @@ class Engine:
         tokens = self._dec.tokenize(result.prompt, special=True, add_bos=not result.added_special)
         if not self._dec.split_roles:
             return tokens, [False] * len(tokens)
-        return tokens, self._model_words(messages, result.prompt, tokens)
+        words = self._model_words(messages, result.prompt, tokens)
+        # The last token, after which the model answers, goes with its words: then a prompt
+        # whose cells are cached but for that token rides along with the decoding streams,
+        # and the same token before this answer in a later prompt is read the same way.
+        words[-1] = True
+        return tokens, words
 
     def _model_words(self, messages: list[dict[str, str]], text: str,
                      tokens: list[int]) -> list[bool]:  # fmt: skip
@@ -1093,7 +1098,13 @@ class Engine:
                 # per step, so they wait no longer than for a decode step.
                 take = min(take, TILED_MIN_ROWS - 1)
             elif decoding and True in words[:take]:
-                take = words.index(True)  # the prompt text up to them, in one call
+                # The prompt text up to them, in one call; and when all that is left after it
+                # is a few of the model's words (the prompt's last token), those too: they go
+                # into the decoding streams' call (decoder.steps).
+                first = words.index(True)
+                tail = len(pending) - first
+                whole = take == len(pending) and tail < TILED_MIN_ROWS and all(words[first:])
+                take = take if whole else first
             done_len = len(a.slot.cached)
             if a.prefix_end and done_len < a.prefix_end < done_len + take:
                 take = a.prefix_end - done_len  # stop at the system prefix to snapshot it

@@ -56,6 +56,9 @@ TOPICS = [
 QUESTION = "List the likely causes of {} and the first check for each."
 EDGEAGENT = "edgeagent"
 EDGEAGENT_FAST = "edgeagent-fast"  # [engine] batch_invariant = false
+# The batch-invariant engine with prompt text through the tiled matmul, steps split by role
+# (GGML_CPU_TILED_MM=1; the default is row by row, one call per step).
+EDGEAGENT_ROLES = "edgeagent-roles"
 STEP_STREAMS = (1, 2, 4, 8)
 
 
@@ -290,12 +293,15 @@ def daemon_config(
     return cfg, sock
 
 
-def start_daemon(workdir: Path, cfg: Path, sock: str) -> tuple[subprocess.Popen[bytes], float]:
+def start_daemon(
+    workdir: Path, cfg: Path, sock: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], float]:
     """Start `edgeagent run`; return it and the seconds it took to answer `status`."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)], cwd=workdir
-    )
+        [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)], cwd=workdir,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {proc.returncode}")
@@ -339,7 +345,7 @@ def build_llama_tool(tool: str = "llama-server") -> str | None:
 def server(
     kind: str, model_file: Path, workdir: Path, args: argparse.Namespace, llama_server: str | None
 ) -> Iterator[tuple[Callable[[str, int, Request], None], int]]:
-    if kind in (EDGEAGENT, EDGEAGENT_FAST):
+    if kind in (EDGEAGENT, EDGEAGENT_FAST, EDGEAGENT_ROLES):
         cfg, sock = daemon_config(
             workdir,
             "conc",
@@ -347,9 +353,10 @@ def server(
             n_ctx=args.n_ctx,
             threads=args.threads,
             parallel=args.slots,
-            batch_invariant=kind == EDGEAGENT,
+            batch_invariant=kind != EDGEAGENT_FAST,
         )
-        proc, _ = start_daemon(workdir, cfg, sock)
+        roles = {"GGML_CPU_TILED_MM": "1"} if kind == EDGEAGENT_ROLES else None
+        proc, _ = start_daemon(workdir, cfg, sock, roles)
         run = run_socket(sock)
     elif kind == "llama_cpp.server":
         port = free_port()

@@ -15,7 +15,9 @@ minute); runs alone too, printing only:
    and llama.cpp's own defaults (what `[engine] batch_invariant = false` selects). In ABBA
    order per kernel choice (llama-bench, daemon, daemon, llama-bench), because this kind of
    VM drifts by several percent within minutes. With the default, both run the same kernels
-   (llama-bench: `-fa off --repack 0` and GGML_CPU_TILED_MM=0).
+   (llama-bench: `-fa off --repack 0`, and GGML_CPU_TILED_MM=0 unless the run sets it: with
+   GGML_CPU_TILED_MM=1, llama-bench's pp rows are prompt text, its tg rows one row at a time,
+   as the daemon reads and decodes them).
 2. Three clients stream long answers; a new ~1,200-token prompt arrives. Its time to first
    token against the same prompt's alone, and the streams' longest gap between tokens while it
    is read against their usual gap and the time of one step with a prompt chunk.
@@ -63,11 +65,14 @@ def llama_bench(binary: str, model_file: Path, threads: int, invariant: bool,
     """llama-bench's tokens/s for pp128, pp512 and tg64 with one kernel choice."""
     args = [binary, "-m", str(model_file), "-t", str(threads), "-r", str(reps), "-o", "jsonl",
             "-p", ",".join(map(str, BENCH_LENGTHS)), "-n", str(N_GEN)]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GGML_CPU_TILED_MM")}
+    env = dict(os.environ)
     if invariant:
-        # The kernels edgeagent.decoder picks for batch_invariant = true (by default).
+        # The kernels edgeagent.decoder picks for batch_invariant = true (by default), with
+        # the daemon's GGML_CPU_TILED_MM if this run sets one.
         args += ["-fa", "off", "--repack", "0"]
-        env["GGML_CPU_TILED_MM"] = "0"
+        env.setdefault("GGML_CPU_TILED_MM", "0")
+    else:
+        env = {k: v for k, v in env.items() if not k.startswith("GGML_CPU_TILED_MM")}
     out = subprocess.run(args, capture_output=True, text=True, env=env, check=True, timeout=900)
     rates = {}
     for line in out.stdout.splitlines():

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ROLES = {"env": {"GGML_CPU_TILED_MM": "1"}}
 CHOICES: list[tuple[str, dict[str, Any]]] = [
     ("edgeagent's default: row-by-row matmul only (GGML_CPU_TILED_MM=0), one call per step", {}),
-    ("GGML_CPU_TILED_MM=1 for edgeagent: prompt text tiled, the model's words row by row",
-     ROLES),
+    ("GGML_CPU_TILED_MM=1 for edgeagent: prompt text tiled, the model's words (a prompt's last "
+     "token among them) row by row", ROLES),
     ("tiled matmul from 8 rows up in one call per step (llama.cpp's default)",
      {"one_call": True, "env": {"GGML_CPU_TILED_MM": "1"}}),
     ("tiled matmul at every size (GGML_CPU_TILED_MM_FORCE=1), one call per step",
@@ -106,6 +106,11 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
         ptr = llama_cpp.llama_get_logits_ith(dec.ctx, slot.logits_at)
         return np.ctypeslib.as_array(ptr, shape=(dec.n_vocab,)).copy()
 
+    def as_asked(n: int) -> list[bool]:
+        """A prompt's roles as the engine gives them: text, and the last token with the
+        model's words (it rides along with the decoding streams)."""
+        return [False] * (n - 1) + [True]
+
     def run(chunk: int, beside: int) -> list[Any]:
         """The engine's way: `steps` with the prompt's chunks and the others' tokens."""
         for s in dec.slots:
@@ -124,9 +129,9 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
                         nxt[s.seq] = int(np.argmax(row))
 
         for o in others:
-            o.pending, o.written = list(other), [False] * len(other)
+            o.pending, o.written = list(other), as_asked(len(other))
             step([], [(o, len(o.pending), True)])
-        mine.pending, mine.written = list(prompt), [False] * len(prompt)
+        mine.pending, mine.written = list(prompt), as_asked(len(prompt))
         while mine.pending:
             n = min(chunk, len(mine.pending))
             step([(o, nxt[o.seq]) for o in others], [(mine, n, n == len(mine.pending))])
@@ -140,18 +145,20 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
         not."""
         mine = dec.slots[0]
         held, n_prompt = list(mine.cached), len(prompt)
-        mine.pending, mine.written = list(other), [False] * len(other)
-        for _ in dec.steps([], [(mine, len(other), True)]):
-            cached_then = logits(mine)
+        mine.pending, mine.written = list(other), as_asked(len(other))
+        for ready in dec.steps([], [(mine, len(other), True)]):
+            if mine in ready:
+                cached_then = logits(mine)
         dec.clear(mine)
         mine.pending = held + other
-        mine.written = [False] * n_prompt + [as_words] * (len(held) - n_prompt)
-        mine.written += [False] * len(other)
+        mine.written = as_asked(n_prompt)[:-1] + [as_words] * (len(held) - n_prompt + 1)
+        mine.written += as_asked(len(other))
         while mine.pending:
             n = min(128, len(mine.pending))
-            for _ in dec.steps([], [(mine, n, n == len(mine.pending))]):
-                pass
-        return [bool(np.array_equal(cached_then, logits(mine)))]
+            for ready in dec.steps([], [(mine, n, n == len(mine.pending))]):
+                if mine in ready:
+                    again = logits(mine)
+        return [bool(np.array_equal(cached_then, again))]
 
     reference = run(512, 0)
     result: dict[str, Any] = {
