@@ -58,7 +58,8 @@ build-deps:
 # What the test suite runs besides Python: brokers and MQTT clients, systemd's tools (and
 # procps: `systemd-analyze verify` wants the unit's ExecReload=/bin/kill to exist), openssl
 # for the TLS tests' certificates, and what boots the Debian box the real-systemd tests
-# install edgeagent into (mmdebstrap, systemd-nspawn; tests/container.py).
+# install edgeagent into (mmdebstrap, systemd-nspawn; tests/container.py), and the browser the
+# chat page is tested in (chromium and its chromedriver).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
@@ -68,6 +69,8 @@ system-deps:
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
 	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \

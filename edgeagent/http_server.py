@@ -9,17 +9,20 @@ stream (http_api.py does the shapes). Its client identity is the API key's name;
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
+import functools
+import hashlib
 import hmac
 import json
 import logging
 import os
 import re
 import socket
-import ssl
 import stat
 from collections.abc import Awaitable, Hashable
+from importlib import resources
 from typing import Any, Callable, Optional
 
 from aiohttp import ClientPayloadError, web
@@ -34,6 +37,7 @@ from edgeagent.protocol import FINAL_EVENTS, Event
 log = logging.getLogger("edgeagent.http")
 
 LOOPBACK_IDENTITY = "http:loopback"
+CHAT_PAGE = "web/index.html"
 # How long a stopping daemon's HTTP connections get to finish writing their last events.
 SHUTDOWN_S = 2.0
 SECURITY_HEADERS = {
@@ -60,42 +64,20 @@ class HttpSink:
     """
 
     front_end = "http"
+    reply_address = None  # a cloud answer that comes later is fetched from /v1/edgeagent/results
 
     def __init__(self, identity: str, peer: str, max_inflight: int, priority: int) -> None:
-        self._identity, self._peer = identity, peer
-        self._max_inflight, self._priority = max_inflight, priority
+        self.identity, self.peer = identity, peer
+        self.max_inflight, self.priority = max_inflight, priority
+        # Limits and fairness are per key; the front end makes the request ids unique.
+        self.scope: Hashable = ("http", identity)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.gone = False
+        self.gone = False  # the client went away: nothing more is queued
         self.finished = False
-
-    @property
-    def peer(self) -> str:
-        return self._peer
-
-    @property
-    def identity(self) -> str:
-        return self._identity
-
-    @property
-    def scope(self) -> Hashable:
-        # Limits and fairness are per key; the request ids are made unique by the front end.
-        return ("http", self._identity)
-
-    @property
-    def max_inflight(self) -> int:
-        return self._max_inflight
-
-    @property
-    def priority(self) -> int:
-        return self._priority
 
     @property
     def closed(self) -> bool:
         return self.gone
-
-    @property
-    def reply_address(self) -> Optional[tuple[str, Optional[bytes]]]:
-        return None  # a cloud answer that comes later is fetched from /v1/edgeagent/results
 
     def send(self, event: Event) -> None:
         if self.gone:
@@ -158,6 +140,7 @@ class HttpFrontEnd:
     async def start(self) -> None:
         app = web.Application(client_max_size=self.cfg.max_body_bytes,
                               middlewares=[self._errors])  # fmt: skip
+        app.router.add_get("/", self._page)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/models", self._models)
@@ -196,10 +179,10 @@ class HttpFrontEnd:
             self._servers.append(server)
             self.addresses += [_describe(sock.getsockname()) for sock in server.sockets]
         scheme = "https" if self.tls else "http"
+        urls = [a if a.startswith("/") else f"{scheme}://{a}/" for a in self.addresses]
         log.info(
-            "HTTP on %s (%s, %s)",
-            ", ".join(self.addresses),
-            scheme,
+            "chat page and OpenAI API on %s (%s)",
+            ", ".join(urls),
             f"{len(self.keys)} API key(s)" if self.keys else "no keys: this box only",
         )
 
@@ -307,6 +290,13 @@ class HttpFrontEnd:
             raise ApiError(400, exc.message, code=protocol.BAD_REQUEST) from None
 
     # --- routes ---------------------------------------------------------------------------
+
+    async def _page(self, request: web.Request) -> web.Response:
+        """The chat page for browser kiosks: one static file from the package. It needs no
+        key to load; its API calls do, when keys are set (the page asks for one)."""
+        body, policy = chat_page()
+        return web.Response(body=body, content_type="text/html", charset="utf-8",
+                            headers={"Content-Security-Policy": policy})  # fmt: skip
 
     async def _health(self, request: web.Request) -> web.Response:
         d = self.dispatcher
@@ -469,12 +459,38 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"{path} is in use by another running server")
 
 
+@functools.lru_cache(maxsize=1)
+def chat_page() -> tuple[bytes, str]:
+    """The page's bytes, and a Content-Security-Policy that lets only its own inline script
+    and style run (by their hashes: no other script, no inline handler, no frame) and lets it
+    connect only to this server."""
+    body = resources.files("edgeagent").joinpath(CHAT_PAGE).read_bytes()
+
+    def digest(tag: str) -> str:
+        found = re.search(rb"<%s>(.*?)</%s>" % (tag.encode(), tag.encode()), body, re.S)
+        if found is None:
+            raise RuntimeError(f"{CHAT_PAGE} has no <{tag}>")
+        return "'sha256-" + base64.b64encode(hashlib.sha256(found.group(1)).digest()).decode() + "'"
+
+    policy = (
+        f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return body, policy
+
+
 class _Counted(asyncio.Protocol):
-    """aiohttp's protocol for one connection, counted off once when the connection ends."""
+    """aiohttp's protocol for one connection, counted off once when the connection ends.
+
+    Behind TLS, the TLS layer can pass on the request's first bytes before `connection_made`
+    (start_tls leaves that call to its caller): they wait here until aiohttp has its transport.
+    """
 
     def __init__(self, front: HttpFrontEnd, inner: Any) -> None:
         self.front, self.inner = front, inner
-        self.made = self.released = False
+        self.made = self.released = self.early_eof = False
+        self.early: list[bytes] = []
 
     def release(self) -> None:
         if not self.released:
@@ -482,14 +498,26 @@ class _Counted(asyncio.Protocol):
             self.front.connections -= 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.made:  # Pythons before 3.11 leave it to the caller of start_tls
-            self.made = True
-            self.inner.connection_made(transport)
+        if self.made:
+            return
+        self.made = True
+        self.inner.connection_made(transport)
+        for data in self.early:
+            self.inner.data_received(data)
+        self.early = []
+        if self.early_eof:
+            self.inner.eof_received()
 
     def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
+        if self.made:
+            self.inner.data_received(data)
+        else:
+            self.early.append(data)
 
     def eof_received(self) -> Optional[bool]:
+        if not self.made:
+            self.early_eof = True
+            return True
         result: Optional[bool] = self.inner.eof_received()
         return result
 
@@ -499,10 +527,12 @@ class _Counted(asyncio.Protocol):
             self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        if self.made:
+            self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        if self.made:
+            self.inner.resume_writing()
 
 
 class _Gate(asyncio.Protocol):
@@ -513,6 +543,7 @@ class _Gate(asyncio.Protocol):
 
     def __init__(self, front: HttpFrontEnd, factory: Callable[[], Any]) -> None:
         self.front, self.factory = front, factory
+        self.transport: Optional[asyncio.Transport] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         front = self.front
@@ -536,10 +567,18 @@ class _Gate(asyncio.Protocol):
             transport.set_protocol(counted)
             counted.connection_made(transport)
             return
-        transport.pause_reading()  # the client's hello waits for the TLS layer
+        # start_tls pauses reading and takes the transport over before the first read.
+        self.transport = transport
         task = asyncio.get_running_loop().create_task(self._handshake(transport, counted))
         front.handshakes.add(task)
         task.add_done_callback(front.handshakes.discard)
+        task.add_done_callback(functools.partial(_handshake_over, counted, transport))
+
+    def data_received(self, data: bytes) -> None:
+        # Only before start_tls has taken the transport: a hello the TLS layer would never
+        # see, so the handshake could only time out.
+        if self.transport is not None:
+            self.transport.abort()
 
     async def _handshake(self, transport: asyncio.Transport, counted: _Counted) -> None:
         assert self.front.tls is not None
@@ -548,18 +587,19 @@ class _Gate(asyncio.Protocol):
                 transport, counted, self.front.tls, server_side=True,
                 ssl_handshake_timeout=HANDSHAKE_S,
             )  # fmt: skip
-        except (OSError, asyncio.TimeoutError, ConnectionError, ssl.SSLError) as exc:
+        except Exception as exc:  # a failed, silent or cut-off handshake
             log.debug("HTTP: TLS handshake failed: %s", exc)
-            counted.release()
             return
-        except asyncio.CancelledError:
-            counted.release()
-            transport.abort()
-            raise
-        if tls is None:  # the connection went away as the handshake ended
-            counted.release()
-            return
-        counted.connection_made(tls)
+        if tls is not None:  # None: the connection went away as the handshake ended
+            counted.connection_made(tls)
+
+
+def _handshake_over(counted: _Counted, transport: asyncio.Transport, _task: Any) -> None:
+    """A handshake that did not hand the connection to aiohttp (failed, timed out, or was
+    cancelled by a stop, even before it began) closes it and counts it off."""
+    if not counted.made:
+        counted.release()
+        transport.abort()
 
 
 def _local_request(request: web.Request) -> bool:

@@ -61,6 +61,17 @@ def raw(d: Daemon, method: str, path: str, body: Any = None, headers: Optional[d
     return out
 
 
+def streaming(sdk: openai.OpenAI, question: str, max_tokens: int) -> tuple[Any, Iterator[Any]]:
+    """A streamed answer that has started: (the stream, its chunks from the second on)."""
+    stream = sdk.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
+        stream=True,
+    )  # fmt: skip
+    it = iter(stream)
+    next(it)
+    return stream, it
+
+
 def error_of(body: bytes) -> dict[str, Any]:
     obj = json.loads(body)
     assert set(obj) == {"error"}, obj
@@ -481,11 +492,7 @@ def test_tls_connections_past_the_limit_are_closed_before_the_handshake(keyed: D
 def test_a_listen_path_that_is_not_a_socket_is_never_removed(tmp_path: Path) -> None:
     precious = tmp_path / "escalations.sqlite"
     precious.write_text("the spool")
-    cfg = tmp_path / "c.toml"
-    text = config_text(http=False).replace("@SOCKET@", str(tmp_path / "s.sock"))
-    cfg.write_text(text + f'\n[http]\nlisten = ["127.0.0.1:0", "{precious}"]\n')
-    res = subprocess.run([sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    res = run_refused(tmp_path, f'\n[http]\nlisten = ["127.0.0.1:0", "{precious}"]\n')
     assert res.returncode == 4, res.stderr
     assert f"http.listen: cannot listen on {precious}: {precious} exists and is not a socket" in (
         res.stderr
@@ -494,13 +501,7 @@ def test_a_listen_path_that_is_not_a_socket_is_never_removed(tmp_path: Path) -> 
 
 
 def test_one_key_over_its_limit_gets_429_with_retry_after(keyed: Daemon) -> None:
-    sdk = client(keyed, KEYS["line-3"])
-    stream = sdk.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "List 50 pump parts, numbered."}],
-        max_tokens=120, stream=True,
-    )  # fmt: skip
-    it = iter(stream)
-    next(it)
+    stream, _it = streaming(client(keyed, KEYS["line-3"]), "List 50 pump parts, numbered.", 120)
     status, hdrs, out = raw(keyed, "POST", "/v1/chat/completions",
                             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
                             {"Authorization": f"Bearer {KEYS['line-3']}"})  # fmt: skip
@@ -512,15 +513,23 @@ def test_one_key_over_its_limit_gets_429_with_retry_after(keyed: Daemon) -> None
     stream.close()
 
 
-def test_non_loopback_without_keys_refuses_to_start(tmp_path: Path) -> None:
+def run_refused(tmp_path: Path, http_table: str) -> subprocess.CompletedProcess[str]:
+    """`edgeagent run` with this [http] table, expected to end before the model loads."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text(config_text(http=False).replace("@SOCKET@", str(tmp_path / "s.sock"))
-                   + '\n[http]\nlisten = ["127.0.0.1:0", "0.0.0.0:18080"]\n')  # fmt: skip
+    text = config_text(http=False).replace("@SOCKET@", str(tmp_path / "s.sock"))
+    cfg.write_text(text + http_table)
     res = subprocess.run([sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert " loaded in " not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def test_non_loopback_without_keys_refuses_to_start(tmp_path: Path) -> None:
+    res = run_refused(tmp_path, '\n[http]\nlisten = ["127.0.0.1:0", "0.0.0.0:18080"]\n')
     assert res.returncode == 2
-    assert f"{cfg}: http.listen: 0.0.0.0:18080 is reachable from other machines" in res.stderr
-    assert "Traceback" not in res.stderr
+    assert f"{tmp_path / 'c.toml'}: http.listen: 0.0.0.0:18080 is reachable from other" in (
+        res.stderr
+    )
 
 
 def test_a_taken_port_ends_the_start_before_the_model_loads(tmp_path: Path) -> None:
@@ -528,14 +537,9 @@ def test_a_taken_port_ends_the_start_before_the_model_loads(tmp_path: Path) -> N
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cfg = tmp_path / "c.toml"
-        text = config_text(http=False).replace("@SOCKET@", str(tmp_path / "s.sock"))
-        cfg.write_text(text + http_section(port))
-        res = subprocess.run([sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        res = run_refused(tmp_path, http_section(port))
     assert res.returncode == 4, res.stderr
-    assert f"{cfg}: http.listen: cannot listen on 127.0.0.1:{port}: " in res.stderr
-    assert " loaded in " not in res.stderr and "Traceback" not in res.stderr
+    assert f"{tmp_path / 'c.toml'}: http.listen: cannot listen on 127.0.0.1:{port}: " in res.stderr
 
 
 # --- loading and stopping ---------------------------------------------------------------
@@ -572,13 +576,7 @@ def test_503_while_loading_and_while_stopping(tmp_path: Path, model_file: Path) 
         assert loading and loading[0] == {"status": "loading"}, seen[:3]
         assert seen[-1][0] == 200
         # Stopping: a long answer is finishing while new calls are refused with 503.
-        sdk = client(d)
-        stream = sdk.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "List 40 checks, numbered."}],
-            max_tokens=60, stream=True,
-        )  # fmt: skip
-        it = iter(stream)
-        next(it)
+        _stream, it = streaming(client(d), "List 40 checks, numbered.", 60)
         assert d.proc is not None
         d.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
