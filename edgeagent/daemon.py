@@ -12,20 +12,22 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from edgeagent import __version__, config, cpu, heap, models
 from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
 from edgeagent.escalation import Escalator, default_spool_path
-from edgeagent.http_server import HttpFrontEnd
 from edgeagent.metrics import Metrics
 from edgeagent.mqtt_client import SecretError
 from edgeagent.mqtt_link import MqttLink
 from edgeagent.socket_server import SocketError, SocketServer
 from edgeagent.systemd import Notifier, inherited_unix_socket, watchdog_interval
 from edgeagent.transport import FrontEnd
+
+if TYPE_CHECKING:
+    from edgeagent.http_server import HttpFrontEnd
 
 log = logging.getLogger("edgeagent")
 
@@ -198,6 +200,9 @@ async def serve(cfg: Config, started: float) -> int:
     # taken ends the start before the load, not after).
     http: Optional[HttpFrontEnd] = None
     if cfg.http.enabled:
+        # aiohttp and its kin are 18 MB of RSS: loaded only where HTTP is on.
+        from edgeagent.http_server import HttpFrontEnd  # noqa: PLC0415
+
         try:
             http = HttpFrontEnd(cfg.http, metrics, model_name)
             await http.start()
