@@ -3,10 +3,12 @@
 
 Loads the model in this process with llama-cpp-python (the baseline) and starts a real
 `edgeagent run` daemon on a temporary socket, then sends the same prompts to both,
-alternating which goes first each round. Reports time to first token (TTFT) and decode
-tokens/s as a client sees them, the daemon's RSS and its start-to-ready time, and checks
-them against the targets. With --write, the figures go into docs/benchmarks.md (and a plot
-into docs/benchmarks.png when matplotlib is installed).
+alternating which goes first each round: to the daemon over its Unix socket, over MQTT (when
+mosquitto is installed) and over HTTP (the OpenAI API, streamed as Server-Sent Events).
+Reports time to first token (TTFT) and decode tokens/s as a client sees them, the daemon's
+RSS and its start-to-ready time, and checks them against the targets. With --write, the
+figures go into docs/benchmarks.md (and a plot into docs/benchmarks.png when matplotlib is
+installed).
 
     make bench                      # print the figures
     .venv/bin/python scripts/bench.py --write
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import getpass
+import http.client
 import json
 import os
 import queue
@@ -92,6 +95,35 @@ class SocketClient:
                 if event["event"] == "error":
                     raise RuntimeError(event)
                 return
+
+
+class HttpClient:
+    """The OpenAI API as a plain client sends it: one keep-alive connection, SSE read by line."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+
+    def run(self, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0.0, "stream": True}  # fmt: skip
+
+        def chunks() -> Iterator[dict[str, Any]]:
+            self.conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                              {"Content-Type": "application/json"})  # fmt: skip
+            resp = self.conn.getresponse()
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+            for line in resp:
+                if line.startswith(b"data: [DONE]"):
+                    break
+                if line.startswith(b"data: "):
+                    yield json.loads(line[6:])
+            resp.read()
+
+        def is_token(chunk: dict[str, Any]) -> bool:
+            return bool(chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
+
+        return measure_stream(chunks(), is_token)
 
 
 class MqttClient:
@@ -193,7 +225,13 @@ def schedule(rounds: int, sides: list[str]) -> Iterator[tuple[int, str, str]]:
 
 
 def start_daemon(
-    model_file: Path, workdir: Path, n_ctx: int, cpu: str, mqtt_port: int, name: str = "bench"
+    model_file: Path,
+    workdir: Path,
+    n_ctx: int,
+    cpu: str,
+    mqtt_port: int,
+    name: str = "bench",
+    http_port: int = 0,
 ) -> tuple[subprocess.Popen[bytes], float, str]:
     sock = str(workdir / f"{name}.sock")
     cfg = workdir / f"{name}.toml"
@@ -204,8 +242,9 @@ def start_daemon(
     )
     cfg.write_text(
         f'node_id = "bench"\n[model]\npath = "{model_file}"\nn_ctx = {n_ctx}\n'
-        f'max_tokens = 1024\n[cpu]\n{cpu}\n[socket]\npath = "{sock}"\n[http]\nenabled = false\n'
-        f'[log]\nlevel = "warning"\n{mqtt}'
+        f'max_tokens = 1024\n[cpu]\n{cpu}\n[socket]\npath = "{sock}"\n[http]\n'
+        + (f'listen = "127.0.0.1:{http_port}"\n' if http_port else "enabled = false\n")
+        + f'[log]\nlevel = "warning"\n{mqtt}'
     )
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -266,15 +305,21 @@ def main() -> int:
             broker, port = start_broker(Path(tmp))
         else:
             print("mosquitto not installed: skipping the MQTT path")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            http_port = s.getsockname()[1]
         proc, ready_s, sock = start_daemon(
-            model_file, Path(tmp), args.n_ctx, f"threads = {args.threads}", port
-        )
+            model_file, Path(tmp), args.n_ctx, f"threads = {args.threads}", port,
+            http_port=http_port,
+        )  # fmt: skip
         mq = None
         try:
             client = SocketClient(sock)
-            sides = ["raw", "socket"]
+            web = HttpClient(http_port)
+            sides = ["raw", "socket", "http"]
             raw_run(llm, "Hello", 4)  # warm-up, every side
             list(client.request({"id": "warm", "prompt": "Hello", "max_tokens": 4}))
+            web.run("Hello", 4)
             if port:
                 mq = MqttClient(port)
                 mq.run("warm", "Hello", 4)
@@ -293,6 +338,8 @@ def main() -> int:
                     ttft, tps, _ = raw_run(llm, asked, args.max_tokens)
                 elif side == "socket":
                     ttft, tps, _ = daemon_run(client, f"b{n}", asked, args.max_tokens)
+                elif side == "http":
+                    ttft, tps, _ = web.run(asked, args.max_tokens)
                 else:
                     assert mq is not None
                     ttft, tps, _ = mq.run(f"m{n}", asked, args.max_tokens)
@@ -321,7 +368,8 @@ def main() -> int:
         ("socket tokens/s p50 at least 97% of raw",
          sock_s["p50"] >= 0.97 * raw_s["p50"],
          f"{sock_s['p50']:.1f} vs {raw_s['p50']:.1f} ({100 * sock_s['p50'] / raw_s['p50']:.1f}%)"),
-        *mqtt_checks(results, raw_t, raw_s),
+        *path_checks(results, "mqtt", "MQTT", raw_t, raw_s),
+        *path_checks(results, "http", "HTTP", raw_t, raw_s),
         ("daemon RSS under 750 MB", daemon_rss < 750e6, f"{daemon_rss / 1e6:.0f} MB"),
         ("start to ready under 2 s (model cached)", ready_s < 2.0, f"{ready_s:.2f} s"),
     ]  # fmt: skip
@@ -340,7 +388,8 @@ def main() -> int:
         f"{raw_s['p50']:.1f} | {raw_s['mean']:.1f} |",
         f"| edgeagent over the Unix socket | {sock_t['p50']:.1f} | {sock_t['p90']:.1f} | "
         f"{sock_s['p50']:.1f} | {sock_s['mean']:.1f} |",
-        *mqtt_rows(results),
+        *path_rows(results, "mqtt", "edgeagent over MQTT v5 (loopback mosquitto)"),
+        *path_rows(results, "http", "edgeagent over HTTP (OpenAI API, SSE, loopback)"),
         "",
         f"Raw llama-cpp-python: load {raw_load:.2f} s; RSS of the benchmark process after the "
         f"runs {raw_rss / 1e6:.0f} MB (the daemon's, measured at the same point, is in the "
@@ -426,27 +475,26 @@ def hog_comparison(
     return lines, results
 
 
-def mqtt_rows(results: dict[str, dict[str, list[float]]]) -> list[str]:
-    if "mqtt" not in results:
+def path_rows(results: dict[str, dict[str, list[float]]], side: str, label: str) -> list[str]:
+    if side not in results:
         return []
-    t, r = summarize(results["mqtt"]["ttft"]), summarize(results["mqtt"]["tps"])
-    return [
-        f"| edgeagent over MQTT v5 (loopback mosquitto) | {t['p50']:.1f} | {t['p90']:.1f} | "
-        f"{r['p50']:.1f} | {r['mean']:.1f} |"
-    ]
+    t, r = summarize(results[side]["ttft"]), summarize(results[side]["tps"])
+    return [f"| {label} | {t['p50']:.1f} | {t['p90']:.1f} | {r['p50']:.1f} | {r['mean']:.1f} |"]
 
 
-def mqtt_checks(
-    results: dict[str, dict[str, list[float]]], raw_t: dict[str, float], raw_s: dict[str, float]
-) -> list[tuple[str, bool, str]]:
-    if "mqtt" not in results:
+def path_checks(
+    results: dict[str, dict[str, list[float]]], side: str, name: str,
+    raw_t: dict[str, float], raw_s: dict[str, float],
+) -> list[tuple[str, bool, str]]:  # fmt: skip
+    """The targets of a network path (MQTT, HTTP): TTFT within 10 ms of raw, 97% of its rate."""
+    if side not in results:
         return []
-    t, r = summarize(results["mqtt"]["ttft"]), summarize(results["mqtt"]["tps"])
+    t, r = summarize(results[side]["ttft"]), summarize(results[side]["tps"])
     delta = t["p50"] - raw_t["p50"]
     return [
-        ("MQTT TTFT p50 within 10 ms of raw", delta <= 10.0,
+        (f"{name} TTFT p50 within 10 ms of raw", delta <= 10.0,
          f"{t['p50']:.1f} ms vs {raw_t['p50']:.1f} ms ({delta:+.1f} ms)"),
-        ("MQTT tokens/s p50 at least 97% of raw", r["p50"] >= 0.97 * raw_s["p50"],
+        (f"{name} tokens/s p50 at least 97% of raw", r["p50"] >= 0.97 * raw_s["p50"],
          f"{r['p50']:.1f} vs {raw_s['p50']:.1f} ({100 * r['p50'] / raw_s['p50']:.1f}%)"),
     ]  # fmt: skip
 
@@ -472,7 +520,8 @@ def write_docs(
     panels = 3 if hog_results else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
     ax1, ax2 = axes[0], axes[1]
-    names = {"raw": "raw llama-cpp-python", "socket": "edgeagent socket", "mqtt": "edgeagent MQTT"}
+    names = {"raw": "raw llama-cpp-python", "socket": "edgeagent socket", "mqtt": "edgeagent MQTT",
+             "http": "edgeagent HTTP"}  # fmt: skip
     labels = [names[side] for side in results]
     ax1.boxplot([v["ttft"] for v in results.values()], tick_labels=labels)
     ax1.set_title("time to first token (ms)")
