@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import errno
 import functools
 import hashlib
@@ -19,8 +18,6 @@ import json
 import logging
 import os
 import re
-import socket
-import stat
 from collections.abc import Awaitable, Hashable
 from importlib import resources
 from typing import Any, Callable, Optional
@@ -33,6 +30,7 @@ from edgeagent.dispatcher import Dispatcher
 from edgeagent.http_api import ApiError, Call
 from edgeagent.metrics import CONTENT_TYPE, Metrics
 from edgeagent.protocol import FINAL_EVENTS, Event
+from edgeagent.transport import remove_stale_socket
 
 log = logging.getLogger("edgeagent.http")
 
@@ -131,7 +129,6 @@ class HttpFrontEnd:
         self._servers: list[asyncio.AbstractServer] = []
         self.connections = 0  # open, TLS handshakes included
         self.handshakes: set[asyncio.Task[None]] = set()
-        self._results_pending: dict[str, int] = {}
         self.addresses: list[str] = []
         self._created = http_api.now()
 
@@ -166,7 +163,7 @@ class HttpFrontEnd:
             host, port = config.parse_listen(address)
             try:
                 if host.startswith("/"):
-                    _remove_stale_socket(host)
+                    remove_stale_socket(host)
                     server = await loop.create_unix_server(gated, host)
                 else:
                     server = await loop.create_server(gated, host, port, reuse_address=True)
@@ -264,6 +261,13 @@ class HttpFrontEnd:
                            headers={"WWW-Authenticate": 'Bearer realm="edgeagent"'})  # fmt: skip
         return f"http-key:{name}"
 
+    def _sink(self, request: web.Request, identity: str, user: str = "") -> HttpSink:
+        """One API call's sink; its peer names the address, the key and the `user` given."""
+        peer = f"http:{request.remote or 'unix'} {identity}"
+        if user:
+            peer += f" user={user[:64]!r}"
+        return HttpSink(identity, peer, self.cfg.max_inflight_per_key, self.cfg.priority)
+
     def _ready(self) -> Dispatcher:
         if self.dispatcher is None:
             raise ApiError(503, "the model is loading", "server_error", "loading",
@@ -328,24 +332,19 @@ class HttpFrontEnd:
     async def _result(self, request: web.Request) -> web.Response:
         identity = self._identity(request)
         d = self._ready()
-        key = request.match_info["id"]
-        if not 0 < len(key) <= protocol.MAX_ID_LEN:
-            raise ApiError(400, "the id is empty or too long", param="id")
         if d.escalator is None:
             raise ApiError(404, "escalation is off on this node", code="not_found")
-        # A spool lookup each, on the escalator's one database thread: bounded per key.
-        pending = self._results_pending.get(identity, 0)
-        if pending >= self.cfg.max_inflight_per_key:
-            raise ApiError(429, f"more than {pending} result lookups pending for this key",
-                           "rate_limit_error", protocol.BUSY,
-                           headers={"Retry-After": str(http_api.RETRY_AFTER_S)})  # fmt: skip
-        self._results_pending[identity] = pending + 1
+        # The socket's and MQTT's `result` op: the same id check, the same per-client bound on
+        # lookups pending (the spool has one database thread), the same scoping to the key.
+        key = request.match_info["id"]
+        sink = self._sink(request, identity)
+        d.handle_decoded({"op": "result", "id": key}, sink)
         try:
-            event = await d.escalator.result(key, identity)
+            event = await sink.events.get()
         finally:
-            self._results_pending[identity] -= 1
-            if self._results_pending[identity] <= 0:
-                del self._results_pending[identity]
+            sink.gone = True
+        if event["event"] == "error":
+            raise ApiError.from_event(event, d.stopping)
         if event.get("status") == "unknown":
             raise ApiError(404, f"no escalation {key!r} of this client", code="not_found")
         return _json(event)
@@ -363,10 +362,8 @@ class HttpFrontEnd:
         rid = prefix + os.urandom(12).hex()
         obj, call = http_api.parse_call(body, kind, rid, self.model_name)
         self.counters["requests"] += 1
-        peer = f"http:{request.remote or 'unix'} {identity}"
-        if isinstance(body.get("user"), str):
-            peer += f" user={body['user'][:64]!r}"
-        sink = HttpSink(identity, peer, self.cfg.max_inflight_per_key, self.cfg.priority)
+        user = body.get("user")
+        sink = self._sink(request, identity, user if isinstance(user, str) else "")
         d.handle_decoded(obj, sink)
         try:
             first = await sink.events.get()
@@ -382,7 +379,7 @@ class HttpFrontEnd:
                 await response.prepare(request)
                 await self._stream(response, call, rid, sink, first)
             except ConnectionResetError:
-                log.debug("%s went away during %s", peer, rid)
+                log.debug("%s went away during %s", sink.peer, rid)
             return response
         finally:
             if not sink.finished:
@@ -435,28 +432,6 @@ class HttpFrontEnd:
             event = await sink.events.get()
         await response.write(http_api.sse("[DONE]"))
         await response.write_eof()
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file an earlier run left, unless a server still answers on it; a file
-    there that is not a socket is never removed."""
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    except FileNotFoundError:
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except FileNotFoundError:
-        return
-    except OSError:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path} is in use by another running server")
 
 
 @functools.lru_cache(maxsize=1)

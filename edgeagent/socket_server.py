@@ -9,7 +9,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import struct
 from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
@@ -19,6 +18,7 @@ from edgeagent import protocol
 from edgeagent.config import SocketConfig
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.protocol import Event
+from edgeagent.transport import remove_stale_socket
 
 log = logging.getLogger("edgeagent.socket")
 
@@ -188,20 +188,9 @@ class SocketServer:
         except OSError as exc:
             raise SocketError(f"cannot create {self.path.parent}: {exc.strerror}") from None
         try:
-            st = self.path.lstat()
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SocketError(f"{self.path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.path))
-        except OSError:
-            self.path.unlink()  # stale socket from a previous run
-            return
-        finally:
-            probe.close()
-        raise SocketError(f"{self.path} is in use by another running daemon")
+            remove_stale_socket(str(self.path))
+        except OSError as exc:
+            raise SocketError(exc.strerror or str(exc)) from None
 
     async def stop_accepting(self) -> None:
         if self._server is not None:

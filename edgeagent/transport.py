@@ -26,6 +26,11 @@ Adding one:
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import socket
+import stat
 from collections.abc import Hashable
 from typing import Any, Optional, Protocol
 
@@ -90,3 +95,28 @@ class FrontEnd(Protocol):
     async def close(self) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
+
+
+def remove_stale_socket(path: str) -> None:
+    """Make way for a Unix socket at `path`: a socket file an earlier run left is removed.
+    Raises OSError, its strerror the whole reason, for a socket a server still answers on and
+    for a file there that is not a socket (never removed: a typo must not delete a spool)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(
+                errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it"
+            )
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: nothing listens on it
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by another running server")
