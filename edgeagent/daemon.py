@@ -23,7 +23,7 @@ from edgeagent.metrics import Metrics
 from edgeagent.mqtt_client import SecretError
 from edgeagent.mqtt_link import MqttLink
 from edgeagent.socket_server import SocketError, SocketServer
-from edgeagent.systemd import Notifier, inherited_unix_socket, watchdog_interval
+from edgeagent.systemd import Notifier, inherited_sockets, watchdog_interval
 from edgeagent.transport import FrontEnd
 
 if TYPE_CHECKING:
@@ -198,13 +198,20 @@ async def serve(cfg: Config, started: float) -> int:
     metrics = Metrics(lambda: dispatcher.gauges() if dispatcher is not None else {})
     # HTTP listens while the model loads, so that /health can say so (and a port that is
     # taken ends the start before the load, not after).
+    inherited = inherited_sockets()
+    if inherited.http and not cfg.http.enabled:
+        log.error(
+            "%s: http.enabled: false, but systemd passes HTTP listeners (edgeagent-http.socket); "
+            "set it to true, or disable that socket unit", cfg.source,
+        )  # fmt: skip
+        return EXIT_CONFIG
     http: Optional[HttpFrontEnd] = None
     if cfg.http.enabled:
         # aiohttp and its kin are 18 MB of RSS: loaded only where HTTP is on.
         from edgeagent.http_server import HttpFrontEnd  # noqa: PLC0415
 
         try:
-            http = HttpFrontEnd(cfg.http, metrics, model_name)
+            http = HttpFrontEnd(cfg.http, metrics, model_name, inherited.http)
             await http.start()
         except OSError as exc:
             log.error("%s: %s", cfg.source, exc.strerror or exc)
@@ -261,7 +268,7 @@ async def serve(cfg: Config, started: float) -> int:
     server = SocketServer(cfg.socket, dispatcher)
     dispatcher.status_sections["socket"] = server.status
     try:
-        await server.start(inherited_unix_socket())
+        await server.start(inherited.terminal)
     except SocketError as exc:
         log.error("%s", exc)
         return await refuse_start(EXIT_LISTEN)

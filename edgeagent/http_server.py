@@ -18,7 +18,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Awaitable, Hashable
+import socket
+from collections.abc import Awaitable, Hashable, Sequence
 from importlib import resources
 from typing import Any, Callable, Optional
 
@@ -30,7 +31,7 @@ from edgeagent.dispatcher import Dispatcher
 from edgeagent.http_api import ApiError, Call
 from edgeagent.metrics import CONTENT_TYPE, Metrics
 from edgeagent.protocol import FINAL_EVENTS, Event
-from edgeagent.transport import remove_stale_socket
+from edgeagent.transport import inherited_listener_args, remove_stale_socket
 
 log = logging.getLogger("edgeagent.http")
 
@@ -104,8 +105,12 @@ class HttpFrontEnd:
 
     name = "http"
 
-    def __init__(self, cfg: HttpConfig, metrics: Metrics, model_name: str) -> None:
+    def __init__(self, cfg: HttpConfig, metrics: Metrics, model_name: str,
+                 inherited: Sequence[socket.socket] = ()) -> None:  # fmt: skip
+        """`inherited`: listeners systemd passed (edgeagent-http.socket); when there are any,
+        they are served instead of binding `http.listen`."""
         self.cfg = cfg
+        self.inherited = list(inherited)
         self.metrics = metrics
         self.model_name = model_name
         # Both were checked when the config was loaded; read again here, where they are used.
@@ -121,6 +126,16 @@ class HttpFrontEnd:
             raise OSError(
                 errno.EINVAL, f"http.tls_key_file: {cfg.tls_key_file}: {reason}"
             ) from None
+        # What config.py checks for http.listen, checked for systemd's listeners here.
+        self.reachable = [_describe(s.getsockname()) for s in self.inherited if _reachable(s)]
+        if self.reachable and not self.keys:
+            raise OSError(
+                errno.EINVAL,
+                f"http.api_keys_file: systemd passes a listener on {self.reachable[0]} "
+                "(edgeagent-http.socket), which other machines reach, so clients must "
+                "present a key: set http.api_keys_file (or pass the http-api-keys "
+                "credential), or listen on a loopback address",
+            )
         self.dispatcher: Optional[Dispatcher] = None
         self.accepting = True
         self.counters: dict[str, int] = {"requests": 0, "unauthorized": 0, "disconnects": 0,
@@ -159,7 +174,17 @@ class HttpFrontEnd:
         def gated() -> asyncio.Protocol:
             return _Gate(self, handler_factory)
 
-        for address in self.cfg.listen:
+        for sock in self.inherited:
+            if sock.family == socket.AF_UNIX:
+                server = await loop.create_unix_server(gated, **inherited_listener_args(sock))
+            else:
+                server = await loop.create_server(gated, **inherited_listener_args(sock))
+            self._servers.append(server)
+            self.addresses.append(_describe(sock.getsockname()))
+        if self.inherited:
+            log.info("HTTP on the listeners systemd passed (edgeagent-http.socket); "
+                     "http.listen is not used")  # fmt: skip
+        for address in () if self.inherited else self.cfg.listen:
             host, port = config.parse_listen(address)
             try:
                 if host.startswith("/"):
@@ -187,7 +212,13 @@ class HttpFrontEnd:
         self.dispatcher = dispatcher
 
     async def stop_accepting(self) -> None:
-        self.accepting = False
+        self.accepting = False  # a request on an open connection: 503 "stopping"
+        if self.inherited:
+            # systemd keeps these listening: a kiosk that connects from now on waits in the
+            # backlog for the next instance, rather than being told this one is stopping.
+            for server in self._servers:
+                server.close()
+            self._servers = []
 
     async def close(self) -> None:
         for server in self._servers:
@@ -204,8 +235,18 @@ class HttpFrontEnd:
                 "connections": self.connections, **self.counters}  # fmt: skip
 
     def reload_keys(self, cfg: HttpConfig) -> None:
-        """Take the keys file as it is now (a reload): a removed key stops working at once."""
-        self.keys = config.read_api_keys(cfg)
+        """Take the keys file as it is now (a reload): a removed key stops working at once.
+        A file left without keys is refused while systemd's listeners reach other machines
+        (config.py refuses it for http.listen)."""
+        keys = config.read_api_keys(cfg)
+        if self.reachable and not keys:
+            log.error(
+                "reload: http.api_keys_file: no keys left, but %s is reachable from other "
+                "machines; the %d key(s) from before the reload stay",
+                self.reachable[0], len(self.keys),
+            )  # fmt: skip
+            return
+        self.keys = keys
         log.info("HTTP: %d API key(s) after the reload", len(self.keys))
 
     # --- plumbing -------------------------------------------------------------------------
@@ -580,14 +621,23 @@ def _handshake_over(counted: _Counted, transport: asyncio.Transport, _task: Any)
 def _local_request(request: web.Request) -> bool:
     """A request on a Unix socket, or one whose Host names a loopback address."""
     transport = request.transport
-    if transport is not None and isinstance(transport.get_extra_info("sockname"), str):
+    if transport is not None and isinstance(transport.get_extra_info("sockname"), (str, bytes)):
         return True
     found = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::\d+)?|([^:\[\]]+)(?::\d+)?",
                          request.headers.get("Host", ""))  # fmt: skip
     return found is not None and config.is_loopback(found.group(1) or found.group(2))
 
 
+def _reachable(sock: socket.socket) -> bool:
+    """Whether other machines can reach this listener: any TCP address but a loopback one."""
+    if sock.family == socket.AF_UNIX:
+        return False
+    return not config.is_loopback(sock.getsockname()[0])
+
+
 def _describe(address: Any) -> str:
+    if isinstance(address, bytes):  # an abstract Unix socket
+        return "@" + address[1:].decode(errors="replace")
     if isinstance(address, str):
         return address
     host, port = address[0], address[1]

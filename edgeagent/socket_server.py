@@ -18,7 +18,7 @@ from edgeagent import protocol
 from edgeagent.config import SocketConfig
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.protocol import Event
-from edgeagent.transport import remove_stale_socket
+from edgeagent.transport import inherited_listener_args, remove_stale_socket
 
 log = logging.getLogger("edgeagent.socket")
 
@@ -147,7 +147,9 @@ class SocketServer:
     async def start(self, inherited: Optional[socket.socket] = None) -> None:
         """Listen on an inherited socket (systemd socket activation) or bind the path."""
         if inherited is not None:
-            self._server = await asyncio.start_unix_server(self._serve, sock=inherited)
+            self._server = await asyncio.start_unix_server(
+                self._serve, **inherited_listener_args(inherited)
+            )
             log.info("listening on inherited socket %s", inherited.getsockname())
             return
         gid = self._group_id()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass, field
 from typing import Optional
 
 import sdnotify
@@ -72,20 +73,72 @@ def watchdog_interval() -> Optional[float]:
     return usec / 2e6 if usec > 0 else None
 
 
-def inherited_unix_socket() -> Optional[socket.socket]:
-    """The listening Unix socket systemd passed us (LISTEN_FDS/LISTEN_PID), if any."""
+# FileDescriptorName= of the socket units, or the name systemd gives a socket when its unit
+# sets none (the unit's own: edgeagent.socket sets none, so that units installed before
+# edgeagent-http.socket existed need no restart of the terminal socket on an upgrade).
+TERMINAL_NAMES = ("terminal", "edgeagent.socket")
+HTTP_NAMES = ("http", "edgeagent-http.socket")
+
+
+@dataclass
+class Inherited:
+    """The listening sockets systemd passed, sorted by front end."""
+
+    terminal: Optional[socket.socket] = None
+    http: list[socket.socket] = field(default_factory=list)
+    # Passed under a name no front end answers to: left open (systemd owns them), logged.
+    unknown: list[str] = field(default_factory=list)
+
+
+def inherited_sockets() -> Inherited:
+    """The sockets systemd passed us (LISTEN_FDS/LISTEN_PID), by their LISTEN_FDNAMES.
+
+    A socket named "terminal" (or edgeagent.socket, the name systemd gives it when the unit
+    sets none) is the terminal socket; "http" (or edgeagent-http.socket) the HTTP front end's,
+    as many as the unit lists. Without names (an old systemd, systemd-socket-activate without
+    --fdname), the first Unix stream socket is the terminal socket, as before names existed.
+    """
+    found = Inherited()
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
+        return found
     try:
         count = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
-        return None
+        return found
+    given = os.environ.get("LISTEN_FDNAMES")
+    names = [name or "unknown" for name in given.split(":")] if given else []
+    if len(names) != count:
+        names = ["unknown"] * count  # what sd_listen_fds_with_names() reports
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)  # not for our children
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
-        sock = socket.socket(fileno=fd)
-        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
-            sock.setblocking(False)
-            return sock
-        sock.detach()
-    return None
+    for fd, name in zip(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count), names):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # ListenFIFO=, ListenSpecial=, ...: not a socket at all
+            found.unknown.append(f"fd {fd} ({name}, not a socket)")
+            continue
+        listening = sock.type == socket.SOCK_STREAM and bool(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        )
+        unix = sock.family == socket.AF_UNIX
+        web = sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+        if listening and name in TERMINAL_NAMES and unix and found.terminal is None:
+            found.terminal = sock
+        elif listening and name in HTTP_NAMES and web:
+            found.http.append(sock)
+        elif listening and name == "unknown" and unix and found.terminal is None:
+            found.terminal = sock
+        else:
+            sock.detach()
+            found.unknown.append(f"fd {fd} ({name})")
+            continue
+        sock.setblocking(False)
+        os.set_inheritable(fd, False)  # as sd_listen_fds() leaves them: not for our children
+    if found.unknown:
+        log.warning(
+            "systemd passed sockets no front end uses: %s (edgeagent takes "
+            "FileDescriptorName=terminal, a listening Unix stream socket, and =http, listening "
+            "TCP or Unix stream sockets)",
+            ", ".join(found.unknown),
+        )
+    return found

@@ -31,6 +31,7 @@ import errno
 import os
 import socket
 import stat
+import sys
 from collections.abc import Hashable
 from typing import Any, Optional, Protocol
 
@@ -95,6 +96,17 @@ class FrontEnd(Protocol):
     async def close(self) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
+
+
+def inherited_listener_args(sock: socket.socket) -> dict[str, Any]:
+    """asyncio server arguments for a listening socket systemd passed: keep the backlog
+    systemd set (asyncio listens again, by default with 100), which queues clients while the
+    daemon is down; and leave a Unix socket's path to systemd (from Python 3.13 asyncio
+    unlinks it when the server closes, unless told not to)."""
+    args: dict[str, Any] = {"sock": sock, "backlog": socket.SOMAXCONN}
+    if sock.family == socket.AF_UNIX and sys.version_info >= (3, 13):
+        args["cleanup_socket"] = False
+    return args
 
 
 def remove_stale_socket(path: str) -> None:

@@ -27,7 +27,7 @@ SRC="$(cd "$(dirname "$0")/.." && pwd)"
 say() { printf 'edgeagent install: %s\n' "$*"; }
 have_systemd() { [ -d /run/systemd/system ]; }
 
-UNITS="edgeagent.service edgeagent.socket edgeagent-cloud-worker.service"
+UNITS="edgeagent.service edgeagent.socket edgeagent-http.socket edgeagent-cloud-worker.service"
 
 uninstall() {
   local purge=$1 unit
@@ -175,19 +175,31 @@ chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE/models"
 # 6. The units. An upgrade restarts the service only: the socket keeps listening, so the
 # terminals that connect meanwhile wait for the new version instead of being refused. The
 # socket itself is restarted only when its unit changed (which restarts the service too).
+# edgeagent-http.socket is installed, not enabled (docs/deploy.md says how to enable it).
 socket_changed=yes
 cmp -s "$SRC/systemd/edgeagent.socket" "$UNIT_DIR/edgeagent.socket" && socket_changed=no
-install -m 0644 "$SRC/systemd/edgeagent.service" "$SRC/systemd/edgeagent.socket" "$UNIT_DIR/"
+http_socket_changed=yes
+cmp -s "$SRC/systemd/edgeagent-http.socket" "$UNIT_DIR/edgeagent-http.socket" &&
+  http_socket_changed=no
+install -m 0644 "$SRC/systemd/edgeagent.service" "$SRC/systemd/edgeagent.socket" \
+  "$SRC/systemd/edgeagent-http.socket" "$UNIT_DIR/"
 if have_systemd; then
   systemctl daemon-reload
   # Earlier units made /run/edgeagent the service's (RuntimeDirectory=); it is the socket's now.
   if [ -d /run/edgeagent ]; then chown root:root /run/edgeagent; chmod 0755 /run/edgeagent; fi
   systemctl enable edgeagent.socket edgeagent.service
+  # A socket unit refuses to start while its service runs, so the service comes first in
+  # one call: its restart job is queued first, and systemd stops the daemon (which also holds
+  # a copy of the HTTP port) before a socket binds again, then starts it after them, with no
+  # gap for a terminal's connection to start the daemon on the old sockets.
+  restart=edgeagent.service
   if [ "$socket_changed" = yes ] || ! systemctl is-active --quiet edgeagent.socket; then
-    systemctl restart edgeagent.socket edgeagent.service
-  else
-    systemctl restart edgeagent.service
+    restart="$restart edgeagent.socket"
   fi
+  if [ "$http_socket_changed" = yes ] && systemctl is-enabled --quiet edgeagent-http.socket; then
+    restart="$restart edgeagent-http.socket"
+  fi
+  systemctl restart $restart
   say "running: systemctl status edgeagent; journalctl -u edgeagent -f"
 else
   say "systemd is not running here: units installed in $UNIT_DIR, not started"

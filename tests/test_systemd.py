@@ -4,6 +4,7 @@ SIGHUP reload, journald log priorities."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
 import shutil
@@ -15,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import openai
 import pytest
 
-from edgeagent import daemon
+from edgeagent import daemon, systemd
 from tests.conftest import ROOT, Daemon, config_text, connect
+from tests.mqtt_helpers import free_port
 from tests.reliability import record
 
 UNITS = ROOT / "systemd"
@@ -42,7 +45,8 @@ def test_units_verify(tmp_path: Path) -> None:
     units = installed_units(tmp_path)
     res = subprocess.run(
         ["systemd-analyze", "verify", str(units / "edgeagent.service"),
-         str(units / "edgeagent.socket"), str(units / "edgeagent-cloud-worker.service")],
+         str(units / "edgeagent.socket"), str(units / "edgeagent-http.socket"),
+         str(units / "edgeagent-cloud-worker.service")],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     problems = [line for line in res.stderr.splitlines() if "edgeagent" in line]
@@ -83,8 +87,19 @@ def test_service_unit_settings() -> None:
     # listening (test_real_systemd shows what each did under a real systemd).
     active = [line for line in text.splitlines() if not line.startswith("#")]
     assert not [line for line in active if line.startswith("RuntimeDirectory")]
-    socket_unit = (UNITS / "edgeagent.socket").read_text().splitlines()
-    assert not [line for line in socket_unit if line.startswith(("PartOf=", "BindsTo="))]
+    for name, fd_name in (("edgeagent.socket", None), ("edgeagent-http.socket", "http")):
+        socket_unit = (UNITS / name).read_text().splitlines()
+        assert not [line for line in socket_unit if line.startswith(("PartOf=", "BindsTo="))]
+        # The daemon tells the sockets apart by their names (systemd.inherited_sockets): the
+        # terminal socket's is systemd's default, its unit's own name.
+        names = [line for line in socket_unit if line.startswith("FileDescriptorName=")]
+        assert names == ([f"FileDescriptorName={fd_name}"] if fd_name else []), names
+        assert (fd_name or name) in (systemd.HTTP_NAMES if fd_name else systemd.TERMINAL_NAMES)
+    assert "Service=edgeagent.service" in (UNITS / "edgeagent-http.socket").read_text()
+    # When the HTTP socket is enabled it listens before the daemon starts, or the daemon
+    # would bind http.listen itself and the socket unit would find the port taken.
+    after = re.search(r"^After=.*\bedgeagent-http\.socket\b", text, re.M)
+    assert after, text
     # Exits that a restart cannot fix (each restart would load the model again, every 2 s).
     prevent = re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M)
     assert prevent, text
@@ -188,6 +203,144 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path: Path, model_fi
             assert c.until_final("sa")[-1]["event"] == "done"
         assert not (tmp_path / "unused.sock").exists()
         assert "listening on inherited socket" in (tmp_path / "daemon.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def socket_activate(tmp_path: Path, config: str, listen: list[str], names: list[str],
+                    log_name: str = "daemon.log") -> subprocess.Popen[bytes]:  # fmt: skip
+    """The daemon under systemd-socket-activate with these listeners and FileDescriptorName=s;
+    it starts on the first connection to any of them."""
+    tool = shutil.which("systemd-socket-activate")
+    if not tool:
+        pytest.skip("systemd-socket-activate is not installed")
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(config)
+    args = [tool, *(f"--listen={address}" for address in listen), f"--fdname={':'.join(names)}"]
+    with open(tmp_path / log_name, "wb") as log:
+        return subprocess.Popen(
+            [*args, sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.05)
+
+
+def test_systemd_passes_the_terminal_and_http_sockets_by_name(tmp_path: Path) -> None:
+    sock = tmp_path / "terminal.sock"
+    port = free_port()
+    text = config_text().replace("@SOCKET@", str(tmp_path / "unused.sock"))
+    configured = re.search(r'listen = "127\.0\.0\.1:(\d+)"', text)
+    assert configured, text
+    # HTTP first: the order of the sockets says nothing, their names do.
+    proc = socket_activate(
+        tmp_path, text, [f"127.0.0.1:{port}", str(sock)], ["http", "edgeagent.socket"]
+    )
+    try:
+        wait_listening(port)
+        with connect(str(sock), timeout=120) as c:  # starts the daemon; waits for the model
+            c.send({"id": "t", "prompt": "Say OK.", "max_tokens": 4})
+            assert c.until_final("t")[-1]["event"] == "done"
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                            max_retries=0, timeout=120)  # fmt: skip
+        answer = sdk.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Say OK."}], max_tokens=4
+        )
+        assert answer.choices[0].message.content
+        # systemd's listeners replace http.listen, and the configured socket path is unused.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(configured.group(1))), timeout=5)
+        assert not (tmp_path / "unused.sock").exists()
+        log = (tmp_path / "daemon.log").read_text()
+        assert "listening on inherited socket" in log
+        assert "HTTP on the listeners systemd passed" in log
+        assert "no front end uses" not in log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize(
+    ("address", "extra", "reason"),
+    [
+        ("0.0.0.0", "", "http.api_keys_file: systemd passes a listener on 0.0.0.0:{port} "
+                        "(edgeagent-http.socket), which other machines reach"),
+        ("127.0.0.1", "\n[http]\nenabled = false\n",
+         "http.enabled: false, but systemd passes HTTP listeners"),
+    ],
+    ids=["reachable-without-keys", "http-disabled"],
+)  # fmt: skip
+def test_an_http_listener_the_config_cannot_serve_fails_the_start(
+    tmp_path: Path, address: str, extra: str, reason: str
+) -> None:
+    port = free_port()
+    text = config_text(http=False).replace("@SOCKET@", str(tmp_path / "t.sock")) + extra
+    proc = socket_activate(tmp_path, text, [f"{address}:{port}"], ["http"])
+    try:
+        wait_listening(port)  # the connection starts the daemon, which refuses the listener
+        assert proc.wait(60) == daemon.EXIT_CONFIG
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "daemon.log").read_text()
+    assert f"{tmp_path / 'a.toml'}: " + reason.format(port=port) in log, log
+    assert not (tmp_path / "t.sock").exists()
+
+
+def test_a_reload_keeps_the_keys_of_a_listener_other_machines_reach(tmp_path: Path) -> None:
+    """Emptying the keys file and reloading would let anyone in as a loopback client (a Host
+    header is all that checks): the daemon keeps the keys it had while systemd's listener
+    reaches other machines, as config.py refuses it for http.listen."""
+    key = "kiosk-0123456789abcdef"
+    keys = tmp_path / "http-api-keys"
+    keys.write_text(f"kiosk: {key}\n")
+    keys.chmod(0o600)
+    port = free_port()
+    text = config_text(http=False).replace("@SOCKET@", str(tmp_path / "t.sock"))
+    proc = socket_activate(tmp_path, text + f'\n[http]\napi_keys_file = "{keys}"\n',
+                           [f"0.0.0.0:{port}"], ["http"])  # fmt: skip
+
+    def get(path: str, headers: dict[str, str]) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", path, headers={"Host": "localhost", **headers})
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    def models(headers: dict[str, str]) -> int:
+        return get("/v1/models", headers)
+
+    try:
+        wait_listening(port)
+        deadline = time.monotonic() + 120
+        while get("/health", {}) != 200:  # loading: SIGHUP is handled once it is ready
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert models({"Authorization": f"Bearer {key}"}) == 200
+        assert models({}) == 401
+        keys.write_text("# every kiosk removed\n")
+        proc.send_signal(signal.SIGHUP)
+        log = tmp_path / "daemon.log"
+        deadline = time.monotonic() + 30
+        while "config reloaded" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert (
+            f"reload: http.api_keys_file: no keys left, but 0.0.0.0:{port} is reachable from "
+            "other machines; the 1 key(s) from before the reload stay"
+        ) in log.read_text()
+        assert models({}) == 401
+        assert models({"Authorization": f"Bearer {key}"}) == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
