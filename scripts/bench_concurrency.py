@@ -147,8 +147,22 @@ def run_socket(path: str) -> Callable[[str, int, Request], None]:
     return run
 
 
-def run_openai(port: int) -> Callable[[str, int, Request], None]:
-    """A streaming chat completion over HTTP; counts content chunks as tokens."""
+def client_keys(workdir: Path) -> tuple[Path, list[str]]:
+    """An API keys file with one key per benchmark client: each client is its own identity,
+    as kiosks with keys are (without keys every loopback client is one, and one identity
+    may hold all slots but one); llama-server ignores the header."""
+    keys = [f"bench-client-{c:02d}-{os.urandom(8).hex()}" for c in range(64)]
+    path = workdir / "http-api-keys"
+    path.write_text("".join(f"client-{c}: {key}\n" for c, key in enumerate(keys)))
+    path.chmod(0o600)
+    return path, keys
+
+
+def run_openai(port: int, keys: list[str] | None = None) -> Callable[[str, int, Request], None]:
+    """A streaming chat completion over HTTP, the same for every server: TTFT at the first
+    content chunk, tokens from the usage chunk (content chunks counted where a server sends
+    none), prompt tokens evaluated from llama-server's `timings.prompt_n` or from the usage's
+    prompt tokens less `prompt_tokens_details.cached_tokens`."""
 
     def run(prompt: str, max_tokens: int, r: Request) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -157,14 +171,16 @@ def run_openai(port: int) -> Callable[[str, int, Request], None]:
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
-        conn.request(
-            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
-        )
+        headers = {"Content-Type": "application/json"}
+        if keys:
+            headers["Authorization"] = f"Bearer {keys[r.client % len(keys)]}"
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
-        n = 0
+        n = counted = 0
         last = b""
         for raw in resp:
             line = raw.strip()
@@ -178,6 +194,12 @@ def run_openai(port: int) -> Callable[[str, int, Request], None]:
             timings = chunk.get("timings")  # llama-server: prompt tokens it evaluated
             if isinstance(timings, dict) and "prompt_n" in timings:
                 r.evaluated = int(timings["prompt_n"])
+            usage = chunk.get("usage")
+            if isinstance(usage, dict) and "completion_tokens" in usage:
+                counted = int(usage["completion_tokens"])
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+                if cached is not None and r.evaluated < 0:
+                    r.evaluated = int(usage["prompt_tokens"]) - int(cached)
             choices = chunk.get("choices") or [{}]
             if choices[0].get("delta", {}).get("content"):
                 n += 1
@@ -186,7 +208,7 @@ def run_openai(port: int) -> Callable[[str, int, Request], None]:
         r.end = time.perf_counter()
         if not n:
             raise RuntimeError(f"the stream ended without a token; last event {last[:300]!r}")
-        r.tokens = n
+        r.tokens = counted or n
         conn.close()
 
     return run
@@ -279,16 +301,23 @@ def daemon_config(
     system: str = "",
     prefix_dir: str = "",
     batch_invariant: bool = True,
+    http_port: int = 0,
+    keys_file: Path | None = None,
 ) -> tuple[Path, str]:
+    """The daemon's config and socket path; HTTP on 127.0.0.1:`http_port` with the clients'
+    keys, off without a port."""
     sock = str(workdir / f"{name}.sock")
     cfg = workdir / f"{name}.toml"
     system_line = f"system_prompt = {json.dumps(system)}\n" if system else ""
+    http = "enabled = false"
+    if http_port:
+        http = f'listen = "127.0.0.1:{http_port}"\napi_keys_file = "{keys_file or ""}"'
     cfg.write_text(
         f'node_id = "bench"\n[model]\npath = "{model_file}"\nn_ctx = {n_ctx}\n{system_line}'
         f"[cpu]\nthreads = {threads}\n[engine]\nparallel = {parallel}\nqueue_size = 64\n"
         f"batch_invariant = {str(batch_invariant).lower()}\n"
         f'prefix_cache_dir = "{prefix_dir or workdir / "prefix"}"\n'
-        f'[socket]\npath = "{sock}"\n[http]\nenabled = false\n[log]\nlevel = "warning"\n'
+        f'[socket]\npath = "{sock}"\n[http]\n{http}\n[log]\nlevel = "warning"\n'
     )
     return cfg, sock
 
@@ -346,6 +375,8 @@ def server(
     kind: str, model_file: Path, workdir: Path, args: argparse.Namespace, llama_server: str | None
 ) -> Iterator[tuple[Callable[[str, int, Request], None], int]]:
     if kind in (EDGEAGENT, EDGEAGENT_FAST, EDGEAGENT_ROLES):
+        port = free_port() if args.edgeagent_over == "http" else 0
+        keys_file, keys = client_keys(workdir)
         cfg, sock = daemon_config(
             workdir,
             "conc",
@@ -354,10 +385,12 @@ def server(
             threads=args.threads,
             parallel=args.slots,
             batch_invariant=kind != EDGEAGENT_FAST,
+            http_port=port,
+            keys_file=keys_file,
         )
         roles = {"GGML_CPU_TILED_MM": "1"} if kind == EDGEAGENT_ROLES else None
         proc, _ = start_daemon(workdir, cfg, sock, roles)
-        run = run_socket(sock)
+        run = run_openai(port, keys) if port else run_socket(sock)
     elif kind == "llama_cpp.server":
         port = free_port()
         proc = subprocess.Popen(
@@ -385,7 +418,7 @@ def server(
             stderr=subprocess.DEVNULL,
         )
         wait_http(proc, port, "/v1/models")
-        run = run_openai(port)
+        run = run_openai(port, client_keys(workdir)[1])
     else:
         assert llama_server is not None
         port = free_port()
@@ -413,7 +446,7 @@ def server(
             stderr=subprocess.DEVNULL,
         )
         wait_http(proc, port, "/health")
-        run = run_openai(port)
+        run = run_openai(port, client_keys(workdir)[1])
     try:
         yield run, proc.pid
     finally:
@@ -558,6 +591,13 @@ def main() -> int:
     ap.add_argument("--system-words", type=int, default=700, help="~1,000 tokens")
     ap.add_argument("--n-ctx-system", type=int, default=2048)
     ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument(
+        "--edgeagent-over",
+        choices=("http", "socket"),
+        default="http",
+        help="http: every server is driven by the same OpenAI streaming client (default); "
+        "socket: edgeagent by its JSON-lines socket, with HTTP off",
+    )
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md (+ png)")
     args = ap.parse_args()
     origin = measured_by()  # at the start: the commit measured, not the tree --write leaves
@@ -637,7 +677,15 @@ def render(
     lines = [
         f"{stack}, {args.slots} slots of n_ctx "
         f"{args.n_ctx} on every server, greedy, max_tokens {args.max_tokens}, each client sends "
-        f"{args.per_client} requests back to back. The questions are {len(TOPICS)} "
+        f"{args.per_client} requests back to back, "
+        + (
+            "every server driven by the same client code: streamed OpenAI chat completions "
+            "over HTTP, each client with its own API key (edgeagent with its HTTP front end "
+            "on, as it ships; each key is a client of its own there). "
+            if args.edgeagent_over == "http"
+            else "edgeagent over its Unix socket with HTTP off, the others over HTTP. "
+        )
+        + f"The questions are {len(TOPICS)} "
         f"troubleshooting questions in turn, so servers that keep earlier prompts' cells "
         f"reuse them; in the rows marked *all new* every question starts differently "
         f'("Ticket 1003: ..."), so only the chat template can be reused. *Evaluated* is the '
