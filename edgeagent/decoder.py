@@ -130,7 +130,7 @@ class Slot:
     written: list[bool] = field(default_factory=list)  # per pending token: the model's words
     sampler: Any = None
     logits_at: int = -1  # index in the last batch of this slot's output row, -1: none
-    owner: str = ""  # the client whose prompt the cells hold (see Engine._fill_slot)
+    owner: str = ""  # the client whose prompt the cells hold (see kvreuse.KvReuse.fill)
 
     @property
     def ready_to_sample(self) -> bool:

@@ -21,8 +21,9 @@ import psutil
 from edgeagent import __version__, policy, protocol
 from edgeagent import spool as sp
 from edgeagent.config import Config
-from edgeagent.engine import Engine, EngineBusy, EngineStopped, Job
+from edgeagent.engine import Engine, EngineBusy, EngineStopped
 from edgeagent.escalation import Escalator, SpoolError
+from edgeagent.job import Job
 from edgeagent.metrics import Metrics
 from edgeagent.protocol import FINAL_EVENTS, Event, Op, ProtocolError, Request
 from edgeagent.transport import ReplySink

@@ -6,6 +6,10 @@ so the streams already decoding stall for at most one chunk. Prompt prefixes are
 slot's own cells, another slot's cells (copied), a session's saved cells, or a snapshot of a
 system prompt (kept in RAM and on disk, so it survives restarts).
 
+The objects it drives live beside it: job.py (a request queued and running, its stop
+strings, its final events), sessions.py (conversations), kvreuse.py (which slot a prompt
+takes, and where its cached cells come from).
+
 Nothing here knows about sockets or MQTT. A Job carries a thread-safe `emit` callback; the
 engine calls it with `token` events and exactly one final `done` or `error` event, unless the
 job was taken off the queue before it started (then `cancel` returns True and the caller owns
@@ -16,37 +20,31 @@ from __future__ import annotations
 
 import codecs
 import collections
-import contextlib
-import hashlib
-import hmac
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from edgeagent import heap, protocol
 from edgeagent.config import Config
 from edgeagent.cpu import Placement, pin_current_thread
-from edgeagent.decoder import (
-    TILED_MIN_ROWS,
-    BatchDecoder,
-    DecodeError,
-    Slot,
-    common_prefix,
-    starts_with,
-)
+from edgeagent.decoder import TILED_MIN_ROWS, BatchDecoder, DecodeError, Slot, common_prefix
+from edgeagent.job import Job, Running, StopMatcher, stopped_event
+from edgeagent.kvreuse import COPY_MIN_TOKENS, KvReuse, PrefixStore, default_prefix_dir
 from edgeagent.promptcache import PromptCache
-from edgeagent.protocol import Event, Request
+from edgeagent.sessions import (
+    PRIVATE,
+    Conversation,
+    SessionStore,
+    drop_oldest_turn,
+    plain,
+    shareable,
+)
 
 log = logging.getLogger("edgeagent.engine")
-# Copy another slot's cells when they hold at least this many more prompt tokens than the
-# chosen slot has (a copy is about a millisecond; one token's evaluation is several).
-COPY_MIN_TOKENS = 4
 
 
 class EngineBusy(Exception):
@@ -55,192 +53,6 @@ class EngineBusy(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down and takes no new work."""
-
-
-class Job:
-    """One request inside the engine. `emit` must be safe to call from any thread."""
-
-    def __init__(self, request: Request, emit: Callable[[Event], None], deadline: float,
-                 client: Hashable = None, priority: int = 0, owner: str = "") -> None:  # fmt: skip
-        self.request = request
-        self.emit = emit
-        self.deadline = deadline  # time.monotonic() value
-        self.client = client  # where it came from: a socket connection, an MQTT reply topic
-        # Who asked (a socket peer's uid, an MQTT reply topic): sessions and cached cells
-        # belong to it.
-        self.owner = owner
-        self.priority = priority  # higher is served first
-        self.received = time.monotonic()
-        self.stop_reason: Optional[str] = None  # protocol.CANCELLED or protocol.TIMEOUT
-        self.want_confidence = False  # add the answer's mean token log-probability to `done`
-
-    def should_stop(self) -> Optional[str]:
-        if self.stop_reason is None and time.monotonic() >= self.deadline:
-            self.stop_reason = protocol.TIMEOUT
-        return self.stop_reason
-
-
-# Marks a session message that came from (or answered) a private request: it is part of the
-# conversation on the box and never part of what is sent to the cloud.
-PRIVATE = "private"
-
-
-def plain(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """The messages as the chat template takes them (role and content only)."""
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def shareable(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """The messages that may leave the box: every one not marked private."""
-    return plain([m for m in messages if PRIVATE not in m])
-
-
-@dataclass
-class _Conversation:
-    messages: list[dict[str, str]] = field(default_factory=list)
-    last_used: float = field(default_factory=time.monotonic)
-    kv_tokens: list[int] = field(default_factory=list)
-    kv_state: Optional[bytes] = None
-
-
-SessionKey = tuple[str, str]  # (owner, session name): one client's names are its own
-
-
-class SessionStore:
-    """Conversations kept for follow-ups: bounded in count, age, turns and saved-KV bytes.
-
-    A conversation belongs to the client that started it: another client naming the same
-    session gets a new one of its own, and cannot tell that the name is taken.
-    """
-
-    def __init__(self, max_sessions: int, max_turns: int, idle_s: float, kv_budget: int,
-                 per_client: int = 1 << 30) -> None:  # fmt: skip
-        self.max_sessions, self.max_turns, self.idle_s = max_sessions, max_turns, idle_s
-        self.kv_budget, self.per_client = kv_budget, per_client
-        self._items: collections.OrderedDict[SessionKey, _Conversation] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, owner: str, name: str) -> _Conversation:
-        with self._lock:
-            self._expire()
-            conv = self._items.pop((owner, name), None) or _Conversation()
-            conv.last_used = time.monotonic()
-            self._items[owner, name] = conv
-            mine = [key for key in self._items if key[0] == owner]
-            for key in mine[: max(0, len(mine) - self.per_client)]:  # its own oldest first
-                del self._items[key]
-            while len(self._items) > self.max_sessions:
-                self._items.popitem(last=False)
-            return conv
-
-    def messages(self, conv: _Conversation) -> list[dict[str, str]]:
-        """A copy of a conversation's messages (the other thread may be adding a turn)."""
-        with self._lock:
-            return list(conv.messages)
-
-    def drop(self, owner: str, name: str) -> bool:
-        with self._lock:
-            return self._items.pop((owner, name), None) is not None
-
-    def __len__(self) -> int:
-        with self._lock:
-            self._expire()
-            return len(self._items)
-
-    def kv_bytes(self) -> int:
-        with self._lock:
-            return sum(len(c.kv_state or b"") for c in self._items.values())
-
-    def covers(self, tokens: Sequence[int], owner: str) -> bool:
-        """One of `owner`'s conversations has saved cells that hold these tokens (or more
-        that start with them)."""
-        with self._lock:
-            self._expire()
-            return any(
-                starts_with(c.kv_tokens, tokens)
-                for (who, _name), c in self._items.items()
-                if who == owner
-            )
-
-    def commit(self, conv: _Conversation, new: list[dict[str, str]]) -> None:
-        """Add a finished turn. A conversation reset meanwhile stays forgotten."""
-        with self._lock:
-            conv.messages.extend(new)
-            turns = sum(1 for m in conv.messages if m["role"] == "user")
-            while turns > self.max_turns and drop_oldest_turn(conv.messages):
-                turns -= 1
-
-    def store_kv(self, conv: _Conversation, tokens: list[int], state: bytes) -> None:
-        with self._lock:
-            if len(state) > self.kv_budget:
-                return
-            conv.kv_tokens, conv.kv_state = tokens, state
-            total = sum(len(c.kv_state or b"") for c in self._items.values())
-            for other in self._items.values():  # least recently used first
-                if total <= self.kv_budget:
-                    break
-                if other is not conv and other.kv_state is not None:
-                    total -= len(other.kv_state)
-                    other.kv_state, other.kv_tokens = None, []
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._items:
-            key, conv = next(iter(self._items.items()))
-            if now - conv.last_used < self.idle_s:
-                break
-            del self._items[key]
-
-
-def drop_oldest_turn(messages: list[dict[str, str]]) -> bool:
-    """Remove the oldest user turn and the replies to it; system messages stay."""
-    start = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
-    if start is None:
-        return False
-    end = start + 1
-    while end < len(messages) and messages[end]["role"] != "user":
-        end += 1
-    del messages[start:end]
-    return True
-
-
-class _StopMatcher:
-    """Holds back text that may be the start of a stop string, cuts at a full match."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self.text = ""
-        self.sent = 0
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Add generated text; return (text safe to send now, stop string reached)."""
-        self.text += piece
-        if not self.stops:
-            out, self.sent = self.text[self.sent :], len(self.text)
-            return out, False
-        window_start = max(0, self.sent - max(len(s) for s in self.stops))
-        cut = min(
-            (i for i in (self.text.find(s, window_start) for s in self.stops) if i >= 0),
-            default=-1,
-        )
-        if cut >= 0:
-            self.text = self.text[:cut]
-            out, self.sent = self.text[self.sent :], len(self.text)
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        safe = len(self.text) - hold
-        out = self.text[self.sent : safe] if safe > self.sent else ""
-        self.sent = max(self.sent, safe)
-        return out, False
-
-    def flush(self) -> str:
-        out, self.sent = self.text[self.sent :], len(self.text)
-        return out
 
 
 def answer_spans(
@@ -279,244 +91,6 @@ def auto_parallel(threads: int, n_ctx: int) -> int:
     return slots
 
 
-def default_prefix_dir() -> Path:
-    base = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
-    if base:
-        return Path(base) / "prefix"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeagent" / "prefix"
-
-
-@dataclass
-class _Prefix:
-    """The KV cells of a prompt's fixed start (its system part), ready to load into a slot."""
-
-    tokens: list[int]
-    state: bytes
-    origin: str  # "computed", "disk"
-    owner: str = ""  # "": the configured system prompt; else the client that sent its own
-    last_used: float = field(default_factory=time.monotonic)
-
-
-class PrefixStore:
-    """System-prompt snapshots: in RAM under a byte budget, on disk keyed by model + tokens.
-
-    A file holds a JSON header line (model sha256, n_ctx, owner, tokens, and an HMAC-SHA256
-    of the header and the state under a key only the daemon can read) and the raw sequence
-    state; it is written to a temporary name and renamed, so a crash leaves no half file
-    behind. llama.cpp loads these bytes as they are, so a file whose MAC does not check out
-    (damaged, or written by anyone but this daemon) is never loaded. A client's own system
-    prompt is kept under its owner: only the same client reuses it.
-    """
-
-    MIN_TOKENS = 16
-    KEY_FILE = "snapshot.key"
-    KEY_BYTES = 32
-
-    def __init__(self, directory: Optional[Path], model_sha256: str, n_ctx: int,
-                 budget: int, max_files: int, flash_attn: bool = False,
-                 kernels: str = "") -> None:  # fmt: skip
-        self.dir, self.model_sha256, self.n_ctx = directory, model_sha256, n_ctx
-        # Flash attention lays the V cells out differently: such a state does not load into a
-        # context without it, so it is part of the key (absent when off: older files stay valid).
-        self.flash_attn = flash_attn
-        # Which kernels computed the cells (decoder.kernel_tag, set once the model is loaded):
-        # cells read back must be the ones computing the prompt again would give, or answers
-        # would depend on the cache.
-        self.kernels = kernels
-        self.budget, self.max_files = budget, max_files
-        self._items: dict[tuple[str, tuple[int, ...]], _Prefix] = {}
-        self._writers: list[threading.Thread] = []
-        self._mac_key: Optional[bytes] = None
-        self._key_lock = threading.Lock()  # the inference thread and the writer threads
-        self.hits = collections.Counter[str]()
-        self.rejected = 0  # files on disk whose MAC did not check out
-
-    def key(self, tokens: list[int], owner: str = "") -> str:
-        layout = ("fa:" if self.flash_attn else "") + (f"k:{self.kernels}:" if self.kernels else "")
-        mine = f"owner:{owner}:" if owner else ""
-        h = hashlib.sha256(f"{self.model_sha256}:{self.n_ctx}:{layout}{mine}".encode())
-        h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
-        return h.hexdigest()[:32]
-
-    def get(self, tokens: list[int], owner: str = "") -> Optional[_Prefix]:
-        """The snapshot for exactly these tokens, from RAM or else from disk."""
-        item = self._items.get((owner, tuple(tokens)))
-        if item is None:
-            item = self._read(tokens, owner)
-            if item is not None:
-                self._keep(item)
-        if item is not None:
-            item.last_used = time.monotonic()
-        return item
-
-    def add(self, tokens: list[int], state: bytes, owner: str = "") -> None:
-        item = _Prefix(list(tokens), state, "computed", owner)
-        if self._keep(item) and self.dir is not None:
-            writer = threading.Thread(target=self._write, args=(item,), name="prefix-writer")
-            writer.start()
-            self._writers = [w for w in self._writers if w.is_alive()] + [writer]
-
-    def flush(self, timeout: float = 10.0) -> None:
-        for writer in self._writers:
-            writer.join(timeout)
-
-    def ram_bytes(self) -> int:
-        # list(): status reads this on the event loop while the inference thread adds items.
-        return sum(len(p.state) for p in list(self._items.values()))
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _keep(self, item: _Prefix) -> bool:
-        if len(item.state) > self.budget:
-            return False
-        self._items[item.owner, tuple(item.tokens)] = item
-        total = self.ram_bytes()
-        for other in sorted(self._items.values(), key=lambda p: p.last_used):
-            if total <= self.budget:
-                break
-            if other is not item:
-                total -= len(other.state)
-                del self._items[other.owner, tuple(other.tokens)]
-        return True
-
-    def _key_bytes(self, create: bool) -> Optional[bytes]:
-        """The MAC key, made once per cache directory, readable by the daemon's user only.
-
-        It is written under a temporary name and linked into place whole, so a crash or
-        another thread never sees a short key; a file of any other size is not a key.
-        """
-        assert self.dir is not None
-        with self._key_lock:
-            if self._mac_key is not None:
-                return self._mac_key
-            path = self.dir / self.KEY_FILE
-            try:
-                key = path.read_bytes()
-            except FileNotFoundError:
-                if not create:
-                    return None
-                self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                tmp = path.with_name(f"{self.KEY_FILE}.{os.getpid()}.tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(os.urandom(self.KEY_BYTES))
-                    f.flush()
-                    os.fsync(f.fileno())
-                with contextlib.suppress(FileExistsError):  # another daemon was quicker
-                    os.link(tmp, path)
-                tmp.unlink()
-                key = path.read_bytes()
-            if len(key) != self.KEY_BYTES:
-                raise OSError(f"{path} is not a {self.KEY_BYTES}-byte key; remove it")
-            self._mac_key = key
-            return key
-
-    @staticmethod
-    def _mac(key: bytes, header: dict[str, Any], state: bytes) -> str:
-        mac = hmac.new(key, json.dumps(header, sort_keys=True).encode(), hashlib.sha256)
-        mac.update(state)
-        return mac.hexdigest()
-
-    def _read(self, tokens: list[int], owner: str) -> Optional[_Prefix]:
-        if self.dir is None:
-            return None
-        path = self.dir / f"{self.key(tokens, owner)}.kv"
-        try:
-            with open(path, "rb") as f:
-                header = json.loads(f.readline())
-                state = f.read()
-            key = self._key_bytes(create=False)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring prefix snapshot %s: %s", path, exc)
-            return None
-        if not isinstance(header, dict):
-            header = {}
-        mac = header.pop("mac", None)
-        if (
-            key is None
-            or not isinstance(mac, str)
-            or not hmac.compare_digest(mac, self._mac(key, header, state))
-        ):
-            self.rejected += 1
-            log.warning("ignoring prefix snapshot %s: its MAC does not match its contents", path)
-            return None
-        if (
-            header.get("model_sha256") != self.model_sha256
-            or header.get("n_ctx") != self.n_ctx
-            or header.get("flash_attn", False) != self.flash_attn
-            or header.get("kernels", "") != self.kernels
-            or header.get("owner", "") != owner
-            or header.get("tokens") != tokens
-            or header.get("bytes") != len(state)
-        ):
-            log.warning("ignoring prefix snapshot %s: it was made for something else", path)
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # newest files survive pruning
-        return _Prefix(list(tokens), state, "disk", owner)
-
-    def _write(self, item: _Prefix) -> None:
-        assert self.dir is not None
-        header: dict[str, Any] = {
-            "model_sha256": self.model_sha256,
-            "n_ctx": self.n_ctx,
-            **({"flash_attn": True} if self.flash_attn else {}),
-            **({"kernels": self.kernels} if self.kernels else {}),
-            **({"owner": item.owner} if item.owner else {}),
-            "tokens": item.tokens,
-            "bytes": len(item.state),
-        }
-        path = self.dir / f"{self.key(item.tokens, item.owner)}.kv"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            key = self._key_bytes(create=True)
-            assert key is not None
-            header["mac"] = self._mac(key, header, item.state)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(header).encode() + b"\n")
-                f.write(item.state)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            files = sorted(self.dir.glob("*.kv"), key=lambda p: p.stat().st_mtime, reverse=True)
-            for old in files[self.max_files :]:
-                old.unlink(missing_ok=True)
-            log.info("saved a %d-token prompt prefix to %s", len(item.tokens), path)
-        except OSError as exc:
-            log.warning("cannot save prompt prefix to %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-
-@dataclass
-class _Active:
-    """A job holding a slot: its prompt, what it has produced, how it ends."""
-
-    job: Job
-    slot: Slot
-    prompt: list[int]
-    conv: Optional[_Conversation]
-    max_tokens: int
-    started: float
-    cached: int  # prompt tokens whose cells were reused
-    cache: str  # where they came from: slot, session, prefix, none
-    prefix_end: int  # prompt tokens that make the system prefix (snapshot when reached)
-    prefix_owner: str  # whose that prefix is ("": the configured system prompt, everyone's)
-    utf8: Any  # incremental UTF-8 decoder
-    matcher: _StopMatcher
-    completion: list[int] = field(default_factory=list)
-    next_token: Optional[int] = None  # sampled, not yet evaluated
-    logprob_sum: float = 0.0
-    first_at: Optional[float] = None
-    prefill_s: float = 0.0
-    peak_batch: int = 0  # most sequences in one decode step this job took part in
-
-
 class Engine:
     """Owns the model on one inference thread; `submit` and `cancel` may be called anywhere."""
 
@@ -543,9 +117,10 @@ class Engine:
             cfg.engine.prefix_cache_files, flash_attn=not cfg.engine.batch_invariant,
         )  # fmt: skip
         self.prompt_cache = PromptCache(cfg.engine.prompt_cache_mb << 20)
+        self.kv = KvReuse(self.prefixes, self.prompt_cache, self.sessions)
         self._queue: list[Job] = []
         self._cond = threading.Condition()
-        self._active: dict[int, _Active] = {}  # by slot sequence id
+        self._active: dict[int, Running] = {}  # by slot sequence id
         self._per_client: collections.Counter[Hashable] = collections.Counter()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
@@ -554,7 +129,6 @@ class Engine:
         self._dec: Optional[BatchDecoder] = None
         self._formatter: Any = None
         self._prefix_ends: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
-        self._slot_used: dict[int, float] = {}
         self.last_progress = time.monotonic()  # for liveness: moves while the engine works
         self.system_prefix: Optional[dict[str, Any]] = None  # the configured prompt's snapshot
 
@@ -634,10 +208,7 @@ class Engine:
             "parallel": self.parallel,
             "active": len(self._active),
             "max_per_client": self._client_cap(),
-            "prefix_snapshots": len(self.prefixes),
-            "prefix_mb": round(self.prefixes.ram_bytes() / 1e6, 1),
-            "prefix_hits": dict(self.prefixes.hits),
-            "prefix_rejected": self.prefixes.rejected,
+            **self.prefixes.stats(),
             "prompt_cache": self.prompt_cache.stats(),
             **({"system_prefix": self.system_prefix} if self.system_prefix else {}),
         }
@@ -836,7 +407,7 @@ class Engine:
         return found
 
     def _build_prompt(
-        self, job: Job, conv: Optional[_Conversation], max_tokens: int
+        self, job: Job, conv: Optional[Conversation], max_tokens: int
     ) -> Optional[tuple[list[int], list[bool], list[dict[str, str]]]]:
         """Chat messages → tokens, dropping the oldest session turns until the answer fits."""
         req, n_ctx = job.request, self.cfg.model.n_ctx
@@ -867,7 +438,7 @@ class Engine:
         req = job.request
         try:
             if job.should_stop():
-                job.emit(self._stopped_event(job, "", 0))
+                job.emit(stopped_event(job, "", 0))
                 return
             max_tokens = req.max_tokens or self.cfg.model.max_tokens
             conv = (
@@ -898,8 +469,8 @@ class Engine:
             )
             prefix_owner = "" if lead == self._configured_lead() else job.owner
 
-            slot, cache = self._fill_slot(tokens, conv, prefix_end, job.owner, public,
-                                          prefix_owner)  # fmt: skip
+            slot, cache = self.kv.fill(dec, self._active, tokens, conv, prefix_end, job.owner,
+                                       public, prefix_owner)  # fmt: skip
             kept = dec.reuse(slot, tokens, None if slot.owner == job.owner else public,
                              written)  # fmt: skip
             slot.owner = job.owner
@@ -915,13 +486,13 @@ class Engine:
             log.exception("request %s failed to start", req.id)
             job.emit(protocol.error_event(req.id, protocol.INTERNAL, str(exc)))
             return
-        self._slot_used[slot.seq] = time.monotonic()
-        self._active[slot.seq] = _Active(
+        self.kv.took(slot.seq)
+        self._active[slot.seq] = Running(
             job=job, slot=slot, prompt=tokens, conv=conv, max_tokens=max_tokens,
             started=started, cached=kept, cache=cache,
             prefix_end=prefix_end if kept < prefix_end else 0, prefix_owner=prefix_owner,
             utf8=codecs.getincrementaldecoder("utf-8")(errors="replace"),
-            matcher=_StopMatcher(req.stop),
+            matcher=StopMatcher(req.stop),
         )  # fmt: skip
         with self._cond:
             self._per_client[job.client] += 1
@@ -929,108 +500,6 @@ class Engine:
     def _configured_lead(self) -> list[dict[str, str]]:
         system = self.cfg.model.system_prompt
         return [{"role": "system", "content": system}] if system else []
-
-    def _fill_slot(
-        self, tokens: list[int], conv: Optional[_Conversation], prefix_end: int, owner: str,
-        public: int, prefix_owner: str,
-    ) -> tuple[Slot, str]:  # fmt: skip
-        """Pick a free slot for `tokens` and load the longest start of them that any cache
-        holds; return the slot and where its cells came from.
-
-        A slot whose cells this prompt continues (or repeats) is used as it is. Otherwise the
-        prompt takes an empty slot, else the least recently used one, so that what the other
-        slots hold stays for the prompts that need it; the cells it replaces go to the prompt
-        cache. The start of the prompt then comes from whichever holds the most of it: the
-        slot itself, the session's saved cells, another slot (copied), the prompt cache, or
-        the system prompt's snapshot.
-
-        Cells another client left behind serve only the prompt's `public` start (the template
-        and the configured system prompt): reusing more would show in usage.cached_tokens how
-        much of this prompt someone else sent recently.
-        """
-        dec = self._dec
-        assert dec is not None
-        last = len(tokens) - 1  # one prompt token is always evaluated, for its logits
-        used = self._slot_used
-
-        def reach(held: Sequence[int], whose: str = owner) -> int:
-            n = min(common_prefix(held, tokens), last)
-            return n if whose == owner else min(n, public)
-
-        def slot_reach(s: Slot) -> int:
-            return reach(s.cached, s.owner)
-
-        free = [s for s in dec.slots if s.seq not in self._active]
-        best = max(free, key=lambda s: (slot_reach(s), -used.get(s.seq, 0.0)))
-        lost = len(best.cached) - slot_reach(best)  # cells a new prompt would drop
-        if slot_reach(best) == last or lost < COPY_MIN_TOKENS:
-            slot = best
-        else:
-            slot = min(free, key=lambda s: (bool(s.cached), used.get(s.seq, 0.0)))
-        have = slot_reach(slot)
-        # (prompt tokens it holds, the margin over `have` it needs, name, its size in tokens,
-        # its tokens and cells)
-        Source = Callable[[], tuple[list[int], bytes]]
-        options: list[tuple[int, int, str, int, Source]] = []
-        if conv is not None and conv.kv_state is not None:
-            state, held = conv.kv_state, list(conv.kv_tokens)
-            options.append((reach(held), 1, "session", len(held), lambda: (held, state)))
-        donor = max((s for s in dec.slots if s is not slot), key=slot_reach,
-                    default=None)  # fmt: skip
-        if donor is not None:
-            # A running slot's cells too: a memory copy beats evaluating the tokens again.
-            options.append((slot_reach(donor), COPY_MIN_TOKENS, "copied", len(donor.cached),
-                            lambda: (list(donor.cached), dec.save(donor))))  # fmt: skip
-        shared, key = self.prompt_cache.best(tokens, owner, public)
-        if key is not None:
-            # The bytes are held here: storing the slot's own cells below may evict the entry.
-            saved, cells = list(key), self.prompt_cache.get(key)
-            options.append((min(shared, last), COPY_MIN_TOKENS, "ram", len(key),
-                            lambda: (saved, cells)))  # fmt: skip
-        item = self.prefixes.get(tokens[:prefix_end], prefix_owner) if prefix_end > have else None
-        if item is not None:
-            found = item
-            options.append((prefix_end, 1, f"prefix-{found.origin}", prefix_end,
-                            lambda: (found.tokens, found.state)))  # fmt: skip
-        # Most tokens first; on a tie the smallest state (the system prefix's snapshot rather
-        # than a long conversation copied from another slot). The next one if a load fails.
-        ranked = sorted((o for o in options if o[0] >= have + o[1]), key=lambda o: (-o[0], o[3]))
-        if not ranked:
-            if len(slot.cached) - have >= COPY_MIN_TOKENS and have < last:
-                self._stash(slot)
-            return slot, "slot"
-        self._stash(slot)  # all of its cells are replaced
-        for n, _margin, name, _size, source in ranked:
-            held, state = source()
-            if dec.load(slot, held, state):
-                # What was loaded beyond the `n` tokens this prompt may use goes at once: the
-                # slot is this client's now.
-                dec.truncate(slot, n)
-                slot.owner = owner
-                if name == "ram" and key is not None:
-                    self.prompt_cache.hit(key)
-                elif name.startswith("prefix-"):
-                    self.prefixes.hits[name.removeprefix("prefix-")] += 1
-                return slot, name
-            log.warning("llama.cpp refused %d cached tokens (%s) for slot %d", len(held), name,
-                        slot.seq)  # fmt: skip
-            if name == "ram" and key is not None:
-                self.prompt_cache.drop(key)
-        return slot, "none"
-
-    def _stash(self, slot: Slot) -> None:
-        """Keep a free slot's cells in the prompt cache before they are replaced, unless
-        another slot, a session or the cache already holds them for the same client."""
-        dec, held, owner = self._dec, slot.cached, slot.owner
-        assert dec is not None
-        if not self.prompt_cache.wants(held, owner):
-            return
-        if any(o is not slot and o.owner == owner and starts_with(o.cached, held)
-               for o in dec.slots):  # fmt: skip
-            return
-        if self.sessions.covers(held, owner):
-            return
-        self.prompt_cache.put(list(held), dec.save(slot), owner)
 
     def _compact(self) -> None:
         """Move running jobs to the lowest slots: llama.cpp evaluates the running streams in
@@ -1054,8 +523,7 @@ class Engine:
                 self._active[top] = a
                 self._release(a)
                 continue
-            used = self._slot_used
-            used[top], used[hole.seq] = used.get(hole.seq, 0.0), used.get(top, 0.0)
+            self.kv.swapped(top, hole.seq)
             a.slot = hole
             self._active[hole.seq] = a
 
@@ -1067,7 +535,7 @@ class Engine:
         for active in list(self._active.values()):
             if active.job.should_stop():
                 active.job.emit(
-                    self._stopped_event(active.job, active.matcher.text, len(active.completion))
+                    stopped_event(active.job, active.matcher.text, len(active.completion))
                 )  # fmt: skip
                 self._release(active)
         if not self._active:
@@ -1078,7 +546,7 @@ class Engine:
         reads: list[tuple[Slot, int, bool]] = []
         budget = min(n_batch - len(decoding),
                      self.cfg.engine.prefill_chunk if decoding else n_batch)  # fmt: skip
-        prefilling: list[tuple[_Active, int]] = []
+        prefilling: list[tuple[Running, int]] = []
         reading = False  # this step already reads a prompt with more than a few tokens to go
         for a in sorted(self._active.values(), key=lambda a: a.started):
             if a.next_token is not None or budget <= 0:
@@ -1156,7 +624,7 @@ class Engine:
                                   a.prefix_owner)  # fmt: skip
                 a.prefix_end = 0
 
-    def _advance(self, a: _Active, now: float) -> None:
+    def _advance(self, a: Running, now: float) -> None:
         """Sample the slot's next token and stream it, or finish the job."""
         assert self._dec is not None
         dec, job, req = self._dec, a.job, a.job.request
@@ -1179,17 +647,14 @@ class Engine:
         else:
             a.next_token = token
 
-    def _finish(self, a: _Active, finish: str) -> None:
+    def _finish(self, a: Running, finish: str) -> None:
         assert self._dec is not None
         job, req = a.job, a.job.request
         tail = a.matcher.feed(a.utf8.decode(b"", final=True))[0] + a.matcher.flush()
         if tail and req.stream:
             job.emit(protocol.token_event(req.id, tail))
         end = time.monotonic()
-        first_at = a.first_at or end
-        decode_s = end - first_at
         text = a.matcher.text
-        n = len(a.completion)
         if a.conv is not None:
             # Before `done`: a client that reacts to it (follow-up, reset) sees the new turn.
             # A private turn stays marked, so that it never goes to the cloud with a later one.
@@ -1197,46 +662,13 @@ class Engine:
             if req.private:
                 turn = [{**m, PRIVATE: "1"} for m in turn]
             self.sessions.commit(a.conv, turn)
-        job.emit(
-            protocol.done_event(
-                req.id,
-                text,
-                source="local",
-                node_id=self.cfg.node_id,
-                finish_reason=finish,
-                model=self.model_name,
-                **({"session": req.session} if req.session else {}),
-                **(
-                    {"confidence": {"mean_logprob": round(a.logprob_sum / n, 3)}}
-                    if job.want_confidence and n
-                    else {}
-                ),
-                usage={
-                    "prompt_tokens": len(a.prompt),
-                    "cached_tokens": a.cached,
-                    "evaluated_tokens": len(a.prompt) - a.cached,
-                    "cache": a.cache,
-                    "completion_tokens": n,
-                    "total_tokens": len(a.prompt) + n,
-                },
-                timings={
-                    "queue_ms": round((a.started - job.received) * 1000, 1),
-                    "ttft_ms": round((first_at - job.received) * 1000, 1),
-                    "prompt_ms": round((first_at - a.started) * 1000, 1),
-                    "total_ms": round((end - job.received) * 1000, 1),
-                    "tokens_per_s": round((n - 1) / decode_s, 2)
-                    if n > 1 and decode_s > 0
-                    else None,
-                    "peak_batch": a.peak_batch,
-                },
-            )
-        )
+        job.emit(a.done_event(finish, end, self.cfg.node_id, self.model_name))
         if a.conv is not None and self.sessions.kv_budget:
             # After `done`, off the latency path. The last sampled token has no cells yet.
             self.sessions.store_kv(a.conv, list(a.slot.cached), self._dec.save(a.slot))
         self._release(a)
 
-    def _release(self, a: _Active) -> None:
+    def _release(self, a: Running) -> None:
         """The slot is free again; its cells stay as a cache for a prompt that starts alike."""
         self._active.pop(a.slot.seq, None)
         a.slot.pending = []
@@ -1248,11 +680,3 @@ class Engine:
             self._per_client[a.job.client] -= 1
             if self._per_client[a.job.client] <= 0:
                 del self._per_client[a.job.client]
-
-    @staticmethod
-    def _stopped_event(job: Job, partial: str, n_tokens: int) -> Event:
-        reason = job.stop_reason or protocol.CANCELLED
-        what = "deadline passed" if reason == protocol.TIMEOUT else "cancelled"
-        event = protocol.error_event(job.request.id, reason, f"{what} after {n_tokens} tokens")
-        event["text"] = partial
-        return event

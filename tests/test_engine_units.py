@@ -8,22 +8,15 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgeagent.decoder import starts_with
-from edgeagent.engine import (
-    PRIVATE,
-    PrefixStore,
-    SessionStore,
-    _StopMatcher,
-    common_prefix,
-    drop_oldest_turn,
-    plain,
-    shareable,
-)
+from edgeagent.decoder import common_prefix, starts_with
+from edgeagent.job import StopMatcher
+from edgeagent.kvreuse import PrefixStore
 from edgeagent.promptcache import PromptCache
+from edgeagent.sessions import PRIVATE, SessionStore, drop_oldest_turn, plain, shareable
 
 
 def feed_all(stops: tuple[str, ...], pieces: list[str]) -> tuple[str, str, bool]:
-    m = _StopMatcher(stops)
+    m = StopMatcher(stops)
     sent, hit = "", False
     for p in pieces:
         out, hit = m.feed(p)

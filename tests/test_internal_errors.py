@@ -16,7 +16,8 @@ from typing import Any
 from edgeagent import config
 from edgeagent.cpu import Placement
 from edgeagent.dispatcher import Dispatcher
-from edgeagent.engine import Engine, Job
+from edgeagent.engine import Engine
+from edgeagent.job import Job
 from edgeagent.socket_server import SocketServer
 
 
