@@ -22,7 +22,10 @@ they were cached or computed again (tests/test_batch_invariance.py).
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import hashlib
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -38,6 +41,8 @@ TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
 # a llama.cpp upgrade moves it.
 TILED_MIN_ROWS = 8
 TILED_ENV = "GGML_CPU_TILED_MM"
+# llama_token_data as numpy lays it out (id, logit, p: 12 bytes), for candidate arrays.
+TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]
 # (slot, tokens, want_logits): one sequence's part of a llama_decode call
 Feed = tuple["Slot", list[int], bool]
 
@@ -112,6 +117,18 @@ def pack(feeds: Sequence[Feed], limit: int) -> list[list[Feed]]:
     return calls
 
 
+# Parsed grammars kept per decoder, by the GBNF's sha256 (a line sends the same schema each time).
+GRAMMAR_CACHE = 32
+# A rejected token is sampled again among the tokens whose logits are at least the
+# RESAMPLE_TOP-th largest (all of them, ties included) when enough of those are allowed: the
+# same token as over the whole vocabulary, for a fraction of the grammar's work.
+RESAMPLE_TOP = 2048
+
+
+class GrammarError(ValueError):
+    """llama.cpp could not parse a grammar (its reason goes to stderr only)."""
+
+
 class DecodeError(RuntimeError):
     """llama_decode failed for a call; the slots in it are left as they were before it."""
 
@@ -129,6 +146,8 @@ class Slot:
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     written: list[bool] = field(default_factory=list)  # per pending token: the model's words
     sampler: Any = None
+    grammar: Any = None  # this slot's own grammar sampler (a clone), None when unconstrained
+    greedy: bool = True  # its chain takes the largest logit (temperature 0)
     logits_at: int = -1  # index in the last batch of this slot's output row, -1: none
     owner: str = ""  # the client whose prompt the cells hold (see kvreuse.KvReuse.fill)
 
@@ -213,11 +232,22 @@ class BatchDecoder:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
         self._special_pieces: dict[int, bytes] = {}
+        self._grammars: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.grammar_stats = {"compiled": 0, "reused": 0, "checked": 0, "resampled": 0,
+                              "resampled_whole": 0}  # fmt: skip
+        # One candidate, to ask a slot's grammar about the token its chain chose.
+        self._one = llama_cpp.llama_token_data()
+        self._one_arr = llama_cpp.llama_token_data_array(
+            data=ctypes.pointer(self._one), size=1, selected=-1, sorted=False
+        )
 
     def close(self) -> None:
         if self.ctx is not None:
             for slot in self.slots:
                 self.set_sampler(slot, None)
+            for template in self._grammars.values():
+                self._lib.llama_sampler_free(template)
+            self._grammars.clear()
             self._lib.llama_batch_free(self._batch)
             self._lib.llama_free(self.ctx)
             self.ctx = None
@@ -256,16 +286,47 @@ class BatchDecoder:
 
     # --- sampling -------------------------------------------------------------------------
 
-    def set_sampler(self, slot: Slot, temperature: Optional[float], seed: int = 0,
-                    top_p: Optional[float] = None) -> None:  # fmt: skip
+    def compile_grammar(self, gbnf: str) -> Any:
+        """llama.cpp's parsed grammar for a GBNF text (root rule `root`), kept by its hash;
+        raises GrammarError if llama.cpp cannot parse it."""
+        key = hashlib.sha256(gbnf.encode()).hexdigest()
+        found = self._grammars.get(key)
+        if found is not None:
+            self._grammars.move_to_end(key)
+            self.grammar_stats["reused"] += 1
+            return found
+        found = self._lib.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
+        if not found:
+            raise GrammarError("llama.cpp cannot parse this grammar")
+        self.grammar_stats["compiled"] += 1
+        self._grammars[key] = found
+        while len(self._grammars) > GRAMMAR_CACHE:
+            self._lib.llama_sampler_free(self._grammars.popitem(last=False)[1])
+        return found
+
+    def set_sampler(
+        self,
+        slot: Slot,
+        temperature: Optional[float],
+        seed: int = 0,
+        top_p: Optional[float] = None,
+        grammar: Optional[str] = None,
+    ) -> None:
         """Greedy for temperature 0, else top-k, top-p (TOP_P unless given), min-p,
-        temperature, random draw."""
+        temperature, random draw; with `grammar` (GBNF), only tokens it allows (see
+        `sample`). None frees the slot's samplers."""
         lib = self._lib
         if slot.sampler is not None:
             lib.llama_sampler_free(slot.sampler)
             slot.sampler = None
+        if slot.grammar is not None:
+            lib.llama_sampler_free(slot.grammar)
+            slot.grammar = None
         if temperature is None:
             return
+        if grammar is not None:
+            slot.grammar = lib.llama_sampler_clone(self.compile_grammar(grammar))
+        slot.greedy = temperature <= 0
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
@@ -280,9 +341,58 @@ class BatchDecoder:
         slot.sampler = chain
 
     def sample(self, slot: Slot) -> int:
-        """Draw the next token from the logits the last step left for this slot."""
-        token = int(self._lib.llama_sampler_sample(slot.sampler, self.ctx, slot.logits_at))
+        """Draw the next token from the logits the last step left for this slot.
+
+        With a grammar, the way llama.cpp's own common sampler does it: the chain draws as if
+        unconstrained, the grammar is asked about that one token, and only when it refuses
+        is the draw made again among the tokens it allows. Greedy, that is the allowed token
+        with the highest logit either way. The grammar then accepts the token: it is never
+        given one it refuses (llama.cpp aborts on that).
+        """
+        lib = self._lib
+        token = int(lib.llama_sampler_sample(slot.sampler, self.ctx, slot.logits_at))
+        if slot.grammar is None:
+            return token
+        self.grammar_stats["checked"] += 1
+        one: Any = self._one
+        one.id, one.logit, one.p = token, 1.0, 0.0
+        self._one_arr.size, self._one_arr.selected, self._one_arr.sorted = 1, -1, False
+        lib.llama_sampler_apply(slot.grammar, ctypes.byref(self._one_arr))
+        if one.logit == -math.inf:
+            token = self._resample(slot)
+        lib.llama_sampler_accept(slot.grammar, token)
         return token
+
+    def _resample(self, slot: Slot) -> int:
+        """The draw again, among the tokens the slot's grammar allows: first among those with
+        the largest logits (enough of them allowed gives the same draw as the whole
+        vocabulary), else over the whole vocabulary."""
+        import numpy as np  # noqa: PLC0415
+
+        lib = self._lib
+        self.grammar_stats["resampled"] += 1
+        ptr = lib.llama_get_logits_ith(self.ctx, slot.logits_at)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        top = min(RESAMPLE_TOP, self.n_vocab)
+        cut = np.partition(logits, self.n_vocab - top)[self.n_vocab - top]
+        need = 1 if slot.greedy else TOP_K
+        for ids in (np.flatnonzero(logits >= cut), np.arange(self.n_vocab)):
+            whole = len(ids) == self.n_vocab
+            cand = np.zeros(len(ids), dtype=TOKEN_DATA)
+            cand["id"], cand["logit"] = ids, logits[ids]
+            arr = lib.llama_token_data_array(
+                data=cand.ctypes.data_as(lib.llama_token_data_p), size=len(cand), selected=-1,
+                sorted=False,
+            )  # fmt: skip
+            lib.llama_sampler_apply(slot.grammar, ctypes.byref(arr))
+            allowed = int(np.count_nonzero(cand["logit"] != -np.inf))
+            if allowed >= need or whole:
+                if not allowed:
+                    raise DecodeError("the grammar allows no token here", [slot])
+                self.grammar_stats["resampled_whole"] += whole
+                lib.llama_sampler_apply(slot.sampler, ctypes.byref(arr))
+                return int(arr.data[arr.selected].id)
+        raise AssertionError("unreachable: the whole vocabulary is the last try")
 
     def logprob(self, slot: Slot, token: int) -> float:
         """log p(token) under the model's raw distribution at the slot's last output row."""
@@ -346,20 +456,20 @@ class BatchDecoder:
         return True
 
     def swap(self, a: Slot, b: Slot) -> None:
-        """Exchange two slots' cells, tokens, pending prompt, sampler and owner."""
+        """Exchange two slots' cells, tokens, pending prompt, samplers and owner."""
         state_a = self.save(a) if a.cached else b""
         state_b = self.save(b) if b.cached else b""
         tokens_a, tokens_b = list(a.cached), list(b.cached)
-        rest_a = (a.pending, a.written, a.sampler, a.logits_at, a.owner)
-        rest_b = (b.pending, b.written, b.sampler, b.logits_at, b.owner)
+        rest_a = (a.pending, a.written, a.sampler, a.grammar, a.greedy, a.logits_at, a.owner)
+        rest_b = (b.pending, b.written, b.sampler, b.grammar, b.greedy, b.logits_at, b.owner)
         self.truncate(a, 0)
         self.truncate(b, 0)
         if state_b and not self.load(a, tokens_b, state_b):
             raise DecodeError(f"could not move sequence {b.seq} to {a.seq}")
         if state_a and not self.load(b, tokens_a, state_a):
             raise DecodeError(f"could not move sequence {a.seq} to {b.seq}")
-        a.pending, a.written, a.sampler, a.logits_at, a.owner = rest_b
-        b.pending, b.written, b.sampler, b.logits_at, b.owner = rest_a
+        a.pending, a.written, a.sampler, a.grammar, a.greedy, a.logits_at, a.owner = rest_b
+        b.pending, b.written, b.sampler, b.grammar, b.greedy, b.logits_at, b.owner = rest_a
 
     # --- one step -------------------------------------------------------------------------
 
