@@ -31,7 +31,14 @@ from typing import Any, Callable, Optional
 from edgeagent import heap, protocol
 from edgeagent.config import Config
 from edgeagent.cpu import Placement, pin_current_thread
-from edgeagent.decoder import TILED_MIN_ROWS, BatchDecoder, DecodeError, Slot, common_prefix
+from edgeagent.decoder import (
+    TILED_MIN_ROWS,
+    BatchDecoder,
+    DecodeError,
+    GrammarError,
+    Slot,
+    common_prefix,
+)
 from edgeagent.job import Job, Running, StopMatcher, stopped_event
 from edgeagent.kvreuse import COPY_MIN_TOKENS, KvReuse, PrefixStore, default_prefix_dir
 from edgeagent.promptcache import PromptCache
@@ -476,12 +483,18 @@ class Engine:
             slot.owner = job.owner
             if kept == 0:
                 cache = "none"
-            dec.set_sampler(
-                slot,
-                self.cfg.model.temperature if req.temperature is None else req.temperature,
-                seed=int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed,
-                top_p=req.top_p,
-            )
+            try:
+                dec.set_sampler(
+                    slot,
+                    self.cfg.model.temperature if req.temperature is None else req.temperature,
+                    seed=int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed,
+                    top_p=req.top_p,
+                    grammar=req.constraint.gbnf if req.constraint else None,
+                )
+            except GrammarError as exc:
+                job.emit(protocol.error_event(req.id, protocol.BAD_REQUEST, f"`grammar`: {exc}"))
+                dec.set_sampler(slot, None)
+                return
         except Exception as exc:
             log.exception("request %s failed to start", req.id)
             job.emit(protocol.error_event(req.id, protocol.INTERNAL, str(exc)))
@@ -662,7 +675,7 @@ class Engine:
             if req.private:
                 turn = [{**m, PRIVATE: "1"} for m in turn]
             self.sessions.commit(a.conv, turn)
-        job.emit(a.done_event(finish, end, self.cfg.node_id, self.model_name))
+        job.emit(a.final_event(finish, end, self.cfg.node_id, self.model_name))
         if a.conv is not None and self.sessions.kv_budget:
             # After `done`, off the latency path. The last sampled token has no cells yet.
             self.sessions.store_kv(a.conv, list(a.slot.cached), self._dec.save(a.slot))

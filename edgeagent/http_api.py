@@ -21,6 +21,9 @@ MAX_STOP = 4
 ERROR_STATUS = {
     protocol.BAD_REQUEST: (400, "invalid_request_error"),
     protocol.TOO_LONG: (400, "invalid_request_error"),
+    # max_tokens ended the answer inside its JSON: the same request ends the same way.
+    protocol.INCOMPLETE: (422, "invalid_request_error"),
+    protocol.INVALID: (500, "server_error"),
     protocol.BUSY: (429, "rate_limit_error"),
     protocol.TIMEOUT: (504, "timeout_error"),
     protocol.CANCELLED: (503, "server_error"),
@@ -34,15 +37,15 @@ RETRY_AFTER_S = 1
 # Parameters edgeagent takes as OpenAI defines them.
 CHAT_FIELDS = {
     "messages", "model", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-    "temperature", "top_p", "stop", "seed", "n", "user",
+    "temperature", "top_p", "stop", "seed", "n", "user", "response_format",
 }  # fmt: skip
 COMPLETION_FIELDS = {
     "prompt", "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop",
-    "seed", "n", "user",
+    "seed", "n", "user", "response_format",
 }  # fmt: skip
 MAX_MODEL_CHARS = 256
 # edgeagent's own, as extra body fields (docs/protocol.md).
-OWN_FIELDS = {"escalate", "private", "session", "priority", "deadline_ms"}
+OWN_FIELDS = {"escalate", "private", "session", "priority", "deadline_ms", "grammar"}
 # OpenAI parameters that change nothing at these values; any other value asks for something
 # edgeagent does not do, which must be an error rather than an answer that ignores it.
 NEUTRAL = {
@@ -56,7 +59,6 @@ NEUTRAL = {
     "functions": (None,),
     "function_call": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False),
-    "response_format": (None,),
     "modalities": (None,),
     "audio": (None,),
     "prediction": (None,),
@@ -103,7 +105,8 @@ class ApiError(Exception):
                 status, type_ = 503, "server_error"
             else:
                 headers["Retry-After"] = str(RETRY_AFTER_S)
-        elif code in (protocol.TIMEOUT, protocol.INTERNAL, protocol.CLOUD_ERROR):
+        elif code in (protocol.TIMEOUT, protocol.INTERNAL, protocol.CLOUD_ERROR,
+                      protocol.INVALID):  # fmt: skip
             # The SDKs retry these by default: the same request would run (or fail) again.
             headers["x-should-retry"] = "false"
         message = str(event.get("message", ""))
@@ -174,13 +177,33 @@ def _check_neutral(body: dict[str, Any], allowed: set[str]) -> None:
             if (
                 value in neutral
                 or (value == [] and name in ("tools", "functions"))
-                or (name == "response_format" and value == {"type": "text"})
                 or (name == "modalities" and value == ["text"])
             ):
                 continue
             raise _bad(f"`{name}` is not supported by edgeagent (only its default)", name)
         shown = name if len(name) <= 40 else name[:40] + "..."
         raise _bad(f"unrecognized request argument: `{shown}`", shown)
+
+
+def _response_format(value: Any) -> dict[str, Any]:
+    """The protocol's `format` for OpenAI's `response_format`."""
+    if value is None or value == {"type": "text"}:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object" and set(value) == {"type"}:
+        return {"format": "json"}
+    if kind == "json_schema" and set(value) == {"type", "json_schema"}:
+        spec = value["json_schema"]
+        if (
+            isinstance(spec, dict)
+            and isinstance(spec.get("schema"), dict)
+            and set(spec) <= {"name", "schema", "strict", "description"}
+        ):
+            return {"format": spec["schema"]}
+        raise _bad("`response_format`: json_schema takes `name`, `schema` (an object), "
+                   "`strict` and `description`", "response_format")  # fmt: skip
+    raise _bad('`response_format` must be {"type": "text"}, {"type": "json_object"} or '
+               '{"type": "json_schema", "json_schema": {...}}', "response_format")  # fmt: skip
 
 
 def parse_call(body: Any, kind: str, rid: str, default_model: str) -> tuple[dict[str, Any], Call]:
@@ -224,6 +247,7 @@ def parse_call(body: Any, kind: str, rid: str, default_model: str) -> tuple[dict
         max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         request["max_tokens"] = max_tokens
+    request.update(_response_format(body.get("response_format")))
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

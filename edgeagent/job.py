@@ -12,6 +12,7 @@ from edgeagent import protocol
 from edgeagent.decoder import Slot
 from edgeagent.protocol import Event, Request
 from edgeagent.sessions import Conversation
+from edgeagent.structured import InvalidAnswer, parse_answer
 
 
 class Job:
@@ -135,6 +136,35 @@ class Running:
                 "peak_batch": self.peak_batch,
             },
         )
+
+    def final_event(self, finish: str, end: float, node_id: str, model: str) -> Event:
+        """`done`, with the answer's JSON value as `json` when the request asked for one; or
+        `incomplete` when max_tokens cut the answer inside its structure."""
+        req = self.job.request
+        done = self.done_event(finish, end, node_id, model)
+        if req.constraint is None:
+            return done
+        try:
+            value = parse_answer(req.constraint, self.matcher.text)
+        except InvalidAnswer as exc:
+            event = protocol.error_event(
+                req.id, protocol.INVALID, f"the answer does not fit the schema {exc}"
+            )  # fmt: skip
+            event["text"] = self.matcher.text
+            event["usage"] = done["usage"]
+            return event
+        except ValueError:
+            cut = "max_tokens" if finish == "length" else f"the answer's end ({finish})"
+            event = protocol.error_event(
+                req.id, protocol.INCOMPLETE,
+                f"{cut} came before the answer's {req.constraint.kind} was complete",
+            )  # fmt: skip
+            event["text"] = self.matcher.text
+            event["usage"] = done["usage"]
+            return event
+        if req.constraint.kind != "grammar":
+            done["json"] = value
+        return done
 
 
 def stopped_event(job: Job, partial: str, n_tokens: int) -> Event:

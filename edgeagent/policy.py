@@ -45,8 +45,9 @@ class Rules:
 
 
 def may_leave_the_box(req: Request) -> bool:
-    """`private: true` or `escalate: false` keep a request local, whatever the rules say."""
-    return not req.private and req.escalate is not False
+    """`private: true` or `escalate: false` keep a request local, whatever the rules say; so
+    does `format` or `grammar`, until the cloud's answer keeps the shape asked for."""
+    return not req.private and req.escalate is not False and req.constraint is None
 
 
 def request_text(req: Request) -> str:

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from edgeagent.structured import Constraint, constraint_of
+
 MAX_ID_LEN = 128
 MAX_MESSAGES = 256
 # Error messages quote this much of what a client sent, so they never grow with the input.
@@ -28,11 +30,23 @@ TIMEOUT = "timeout"
 CANCELLED = "cancelled"
 INTERNAL = "internal"
 CLOUD_ERROR = "cloud_error"  # the cloud model could not answer an escalation
-ERROR_CODES = (BAD_REQUEST, BUSY, TOO_LONG, TIMEOUT, CANCELLED, INTERNAL, CLOUD_ERROR)
+INCOMPLETE = "incomplete"  # max_tokens (or a stop string) cut a structured answer short
+INVALID = "invalid"  # a whole JSON answer that its schema does not allow
+ERROR_CODES = (
+    BAD_REQUEST,
+    BUSY,
+    TOO_LONG,
+    TIMEOUT,
+    CANCELLED,
+    INTERNAL,
+    CLOUD_ERROR,
+    INCOMPLETE,
+    INVALID,
+)
 
 REQUEST_FIELDS = {
     "id", "messages", "prompt", "session", "max_tokens", "temperature", "top_p", "seed",
-    "stream", "deadline_ms", "stop", "escalate", "private", "priority",
+    "stream", "deadline_ms", "stop", "escalate", "private", "priority", "format", "grammar",
 }  # fmt: skip
 MAX_SEED = 2**32 - 2  # llama.cpp takes 2**32 - 1 as "pick a random seed"
 
@@ -71,6 +85,7 @@ class Request:
     escalate: Optional[bool] = None  # True: ask the cloud model; False: never
     private: bool = False  # never leaves the box (no escalation, whatever the rules say)
     priority: Optional[int] = None  # higher is served first; None: the transport's default
+    constraint: Optional[Constraint] = None  # `format` or `grammar`: what the answer must be
 
 
 @dataclass(frozen=True)
@@ -230,8 +245,19 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
     priority = obj.get("priority")
     if priority is not None and (not _is_int(priority) or not -100 <= priority <= 100):
         raise ProtocolError(BAD_REQUEST, "`priority` must be an integer from -100 to 100")
+    try:
+        constraint = constraint_of(obj.get("format"), obj.get("grammar"))
+    except ValueError as exc:
+        raise ProtocolError(BAD_REQUEST, str(exc)) from None
+    if constraint is not None and escalate:
+        # Until the cloud worker passes the schema on and its answer is checked at the edge.
+        raise ProtocolError(
+            BAD_REQUEST, "`escalate` cannot go with `format` or `grammar` yet: a structured "
+            "request is answered on this box",
+        )  # fmt: skip
     return Request(
         id=rid,
+        constraint=constraint,
         messages=messages,
         session=session,
         max_tokens=max_tokens,

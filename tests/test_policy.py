@@ -8,7 +8,8 @@ import pytest
 
 from edgeagent import config, policy
 from edgeagent.config import EscalationConfig
-from edgeagent.protocol import Request
+from edgeagent.protocol import ProtocolError, Request, parse
+from edgeagent.structured import Constraint
 
 
 def req(text: str = "What is OEE?", **kw: object) -> Request:
@@ -58,6 +59,18 @@ def test_private_and_escalate_false_forbid_every_rule() -> None:
               req("torque spec E042", escalate=False)):  # fmt: skip
         assert decide(r, deep=True, tokens=10_000) is None
         assert policy.after_answer(r, RULES, -50.0) is None
+
+
+def test_a_structured_request_stays_on_the_box() -> None:
+    """Until the cloud's answer keeps the shape asked for, `format` and `grammar` keep a
+    request local (an explicit `escalate: true` beside them is a bad_request)."""
+    for kind in ("json", "grammar"):
+        r = req("torque spec E042", constraint=Constraint(kind, 'root ::= "a"'))
+        assert decide(r, deep=True, tokens=10_000) is None
+        assert policy.after_answer(r, RULES, -50.0) is None
+    with pytest.raises(ProtocolError, match="`escalate` cannot go with `format`"):
+        parse({"id": "s", "prompt": "hi", "format": "json", "escalate": True},
+              max_tokens_limit=64)  # fmt: skip
 
 
 def test_low_confidence_is_a_second_opinion_rule() -> None:

@@ -1,0 +1,140 @@
+"""Structured answers end to end (WIP, issue 18): `format` and `grammar` on the socket, with the
+real model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import Conn, Daemon, connect
+
+ALARM = {
+    "type": "object",
+    "properties": {
+        "alarm": {"type": "string"},
+        "severity": {"enum": ["low", "medium", "high"]},
+        "checks": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["alarm", "severity", "checks"],
+}
+NOTE = (
+    "Filler 3 shows alarm F17: low air pressure at the capper. Give the alarm, its severity "
+    "and the checks to make."
+)
+
+
+def ask(conn: Conn, rid: str, **fields: Any) -> dict[str, Any]:
+    conn.send({"id": rid, "prompt": NOTE, "max_tokens": 96, **fields})
+    return conn.until_final(rid)[-1]
+
+
+def test_a_schema_gives_a_parsed_value_that_fits_it(conn: Conn) -> None:
+    done = ask(conn, "s1", format=ALARM)
+    assert done["event"] == "done", done
+    value = done["json"]
+    assert set(value) == {"alarm", "severity", "checks"}
+    assert value["severity"] in ("low", "medium", "high")
+    assert isinstance(value["checks"], list) and all(isinstance(c, str) for c in value["checks"])
+
+
+def test_json_gives_an_object(conn: Conn) -> None:
+    done = ask(
+        conn,
+        "j1",
+        format="json",
+        max_tokens=200,
+        prompt="Alarm F17 on filler 3: give its code and severity as JSON, nothing else.",
+    )
+    assert done["event"] == "done", repr(done.get("text"))
+    assert isinstance(done["json"], dict)
+
+
+def test_a_grammar_holds_the_answer_to_its_language(conn: Conn) -> None:
+    done = ask(conn, "g1", grammar='root ::= "yes" | "no"', prompt="Is 3 larger than 2?")
+    assert done["event"] == "done", done
+    assert done["text"] in ("yes", "no") and "json" not in done
+
+
+def test_an_answer_cut_inside_its_structure_is_incomplete(conn: Conn) -> None:
+    final = ask(conn, "i1", format=ALARM, max_tokens=5)
+    assert final["event"] == "error" and final["code"] == "incomplete", final
+    assert final["text"].startswith("{")
+
+
+def test_bad_schemas_and_grammars_are_bad_requests(conn: Conn) -> None:
+    for rid, fields in [
+        ("b1", {"format": "yaml"}),
+        ("b2", {"format": {"type": "string", "pattern": "abc"}}),
+        ("b3", {"grammar": 'x ::= "a"'}),
+        ("b4", {"grammar": 'root ::= ( "a"'}),  # llama.cpp's parser refuses it
+        ("b5", {"format": "json", "grammar": 'root ::= "a"'}),
+        ("b6", {"format": {"type": "object", "required": "alarm"}}),  # not a JSON Schema
+    ]:
+        final = ask(conn, rid, **fields)
+        assert final["event"] == "error" and final["code"] == "bad_request", (rid, final)
+
+
+def test_a_value_outside_what_the_grammar_could_hold_is_invalid(conn: Conn) -> None:
+    """`minimum` is beyond what the schema's grammar holds the decoding to; the value is
+    checked against the whole schema before `done`."""
+    schema = {"type": "object", "properties": {"bar": {"type": "integer", "minimum": 1000}},
+              "required": ["bar"]}  # fmt: skip
+    final = ask(conn, "v1", format=schema, prompt="Line pressure now: 6 bar. Give it as JSON.")
+    if final["event"] == "done":
+        assert final["json"]["bar"] >= 1000, final
+    else:
+        assert final["code"] == "invalid" and "bar" in final["message"], final
+
+
+def test_openai_response_format_over_http(daemon: Daemon) -> None:
+    sdk = openai.OpenAI(base_url=f"{daemon.http_url}/v1", api_key="none", max_retries=0)
+    messages: Any = [{"role": "user", "content": NOTE}]
+    answer = sdk.chat.completions.create(
+        model="m", messages=messages, max_tokens=96,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "alarm", "schema": ALARM, "strict": True}},
+    )  # fmt: skip
+    value = json.loads(answer.choices[0].message.content or "")
+    assert set(value) == {"alarm", "severity", "checks"}
+    with pytest.raises(openai.UnprocessableEntityError) as cut:
+        sdk.chat.completions.create(model="m", messages=messages, max_tokens=4,
+                                    response_format={"type": "json_object"})  # fmt: skip
+    assert cut.value.code == "incomplete"
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.chat.completions.create(
+            model="m", messages=messages, max_tokens=4, response_format={"type": "yaml"}
+        )  # type: ignore[arg-type]
+    assert bad.value.param == "response_format"
+
+
+def test_constrained_and_free_answers_are_the_same_alone_and_batched(daemon: Daemon) -> None:
+    """Greedy answers do not depend on what shares the step, grammars or not."""
+    asks = [
+        {"format": ALARM, "prompt": NOTE},
+        {"prompt": "Name two causes of low air pressure at a capper."},
+        {"format": "json", "prompt": "Alarm F21 on labeller 2: give its code and severity."},
+        {"grammar": 'root ::= "yes" | "no"', "prompt": "Is a capper part of a filling line?"},
+    ]
+
+    def request(i: int, fields: dict[str, Any]) -> dict[str, Any]:
+        return {"id": f"b{i}", "max_tokens": 48, **fields}
+
+    alone = []
+    for i, fields in enumerate(asks):
+        with connect(daemon.socket_path) as c:
+            c.send(request(i, fields))
+            alone.append(c.until_final(f"b{i}")[-1])
+    conns = [connect(daemon.socket_path) for _ in asks]
+    try:
+        for i, (c, fields) in enumerate(zip(conns, asks)):
+            c.send(request(i, fields))
+        batched = [c.until_final(f"b{i}")[-1] for i, c in enumerate(conns)]
+    finally:
+        for c in conns:
+            c.close()
+    assert max(f["timings"]["peak_batch"] for f in batched if f["event"] == "done") > 1
+    for one, many in zip(alone, batched):
+        assert (one["event"], one.get("text")) == (many["event"], many.get("text"))
