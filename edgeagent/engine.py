@@ -454,6 +454,14 @@ class Engine:
                 else None
             )
             started = time.monotonic()
+            if req.constraint is not None:
+                try:  # parsed before a slot is touched (kept: set_sampler clones it)
+                    self._dec.compile_grammar(req.constraint.gbnf)  # type: ignore[union-attr]
+                except GrammarError as exc:
+                    field = "grammar" if req.constraint.kind == "grammar" else "format"
+                    job.emit(protocol.error_event(req.id, protocol.BAD_REQUEST,
+                                                  f"`{field}`: {exc}"))  # fmt: skip
+                    return
             built = self._build_prompt(job, conv, max_tokens)
             if built is None:
                 return
@@ -483,18 +491,13 @@ class Engine:
             slot.owner = job.owner
             if kept == 0:
                 cache = "none"
-            try:
-                dec.set_sampler(
-                    slot,
-                    self.cfg.model.temperature if req.temperature is None else req.temperature,
-                    seed=int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed,
-                    top_p=req.top_p,
-                    grammar=req.constraint.gbnf if req.constraint else None,
-                )
-            except GrammarError as exc:
-                job.emit(protocol.error_event(req.id, protocol.BAD_REQUEST, f"`grammar`: {exc}"))
-                dec.set_sampler(slot, None)
-                return
+            dec.set_sampler(
+                slot,
+                self.cfg.model.temperature if req.temperature is None else req.temperature,
+                seed=int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed,
+                top_p=req.top_p,
+                grammar=req.constraint.gbnf if req.constraint else None,
+            )
         except Exception as exc:
             log.exception("request %s failed to start", req.id)
             job.emit(protocol.error_event(req.id, protocol.INTERNAL, str(exc)))
@@ -638,7 +641,17 @@ class Engine:
                 a.prefix_end = 0
 
     def _advance(self, a: Running, now: float) -> None:
-        """Sample the slot's next token and stream it, or finish the job."""
+        """Sample the slot's next token and stream it, or finish the job. A failure here is
+        this job's alone: it gets an `internal` error and its slot, the others go on."""
+        try:
+            self._sample_and_stream(a, now)
+        except Exception as exc:
+            log.exception("request %s failed while sampling", a.job.request.id)
+            if self._active.get(a.slot.seq) is a:
+                a.job.emit(protocol.error_event(a.job.request.id, protocol.INTERNAL, str(exc)))
+                self._release(a)
+
+    def _sample_and_stream(self, a: Running, now: float) -> None:
         assert self._dec is not None
         dec, job, req = self._dec, a.job, a.job.request
         token = dec.sample(a.slot)
@@ -668,15 +681,17 @@ class Engine:
             job.emit(protocol.token_event(req.id, tail))
         end = time.monotonic()
         text = a.matcher.text
-        if a.conv is not None:
+        final = a.final_event(finish, end, self.cfg.node_id, self.model_name)
+        answered = final["event"] == "done"  # not a structured answer cut short or invalid
+        if a.conv is not None and answered:
             # Before `done`: a client that reacts to it (follow-up, reset) sees the new turn.
             # A private turn stays marked, so that it never goes to the cloud with a later one.
             turn = [*req.messages, {"role": "assistant", "content": text}]
             if req.private:
                 turn = [{**m, PRIVATE: "1"} for m in turn]
             self.sessions.commit(a.conv, turn)
-        job.emit(a.final_event(finish, end, self.cfg.node_id, self.model_name))
-        if a.conv is not None and self.sessions.kv_budget:
+        job.emit(final)
+        if a.conv is not None and answered and self.sessions.kv_budget:
             # After `done`, off the latency path. The last sampled token has no cells yet.
             self.sessions.store_kv(a.conv, list(a.slot.cached), self._dec.save(a.slot))
         self._release(a)

@@ -146,6 +146,12 @@ class Running:
             return done
         try:
             value = parse_answer(req.constraint, self.matcher.text)
+        except RecursionError:
+            exc = InvalidAnswer("nested too deeply to read")
+            event = protocol.error_event(req.id, protocol.INVALID, f"the answer is {exc}")
+            event["text"] = self.matcher.text
+            event["usage"] = done["usage"]
+            return event
         except InvalidAnswer as exc:
             event = protocol.error_event(
                 req.id, protocol.INVALID, f"the answer does not fit the schema {exc}"

@@ -17,6 +17,14 @@ from typing import Any, Optional
 MAX_SCHEMA_BYTES = 16_384
 MAX_SCHEMA_DEPTH = 16
 MAX_GRAMMAR_BYTES = 16_384
+# A schema's repetition bounds become nested grammar rules (llama.cpp's parser recurses on
+# them: 20,000 overflows its stack), and the grammar made from a schema is bounded too.
+MAX_REPEAT = 256
+MAX_SCHEMA_GRAMMAR_BYTES = 65_536
+REPEAT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength")
+# Regular expressions on property names are Python `re` at validation time, with no bound on
+# backtracking, and the grammar does not hold decoding to them: refused.
+REFUSED_KEYWORDS = ("patternProperties", "propertyNames")
 
 # Any JSON object (llama.cpp's json.gbnf, as llama-cpp-python ships it), with an exponent
 # rule that also takes e10.
@@ -65,6 +73,36 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def _check_schema_shape(schema: Any) -> None:
+    """Refuse what costs more than its size says: remote references (jsonschema would fetch
+    them, the converter cannot use them), large repetition bounds, keywords of `re` on names."""
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        ref = item.get("$ref")
+        if ref is not None and (not isinstance(ref, str) or not ref.startswith("#")):
+            raise ValueError("`format`: only references inside the schema (`#/...`) are taken")
+        if "$schema" in item and not isinstance(item["$schema"], str):
+            raise ValueError("`format`: `$schema` must be a string")
+        for key in REPEAT_KEYWORDS:
+            bound = item.get(key)
+            if (
+                isinstance(bound, (int, float))
+                and not isinstance(bound, bool)
+                and bound > MAX_REPEAT
+            ):
+                raise ValueError(f"`format`: `{key}` above {MAX_REPEAT} is not taken")
+        for key in REFUSED_KEYWORDS:
+            if key in item:
+                raise ValueError(f"`format`: `{key}` is not taken")
+        stack.extend(item.values())
+
+
 def constraint_of(fmt: Any, grammar: Any) -> Optional[Constraint]:
     """The constraint a request's `format` and `grammar` ask for (None for neither); raises
     ValueError naming the field and what is wrong with it."""
@@ -89,11 +127,14 @@ def constraint_of(fmt: Any, grammar: Any) -> Optional[Constraint]:
         raise ValueError(f"`format` is a schema of more than {MAX_SCHEMA_BYTES} bytes")
     if _depth(fmt, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
         raise ValueError(f"`format` is a schema nested more than {MAX_SCHEMA_DEPTH} deep")
+    _check_schema_shape(fmt)
     import jsonschema  # noqa: PLC0415
     from llama_cpp.llama_grammar import json_schema_to_gbnf  # noqa: PLC0415
 
     try:
         jsonschema.validators.validator_for(fmt).check_schema(fmt)
+    except RecursionError:
+        raise ValueError("`format`: the schema is nested too deeply") from None
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path) or "the top"
         raise ValueError(f"`format` is not a valid JSON Schema (at {where}): "
@@ -104,6 +145,8 @@ def constraint_of(fmt: Any, grammar: Any) -> Optional[Constraint]:
         raise ValueError("`format`: the schema refers to itself too deeply") from None
     except Exception as exc:  # the converter asserts as well as raising ValueError
         raise ValueError(f"`format`: this schema cannot be turned into a grammar: {exc}") from None
+    if len(gbnf.encode()) > MAX_SCHEMA_GRAMMAR_BYTES:
+        raise ValueError(f"`format`: the schema's grammar is over {MAX_SCHEMA_GRAMMAR_BYTES} bytes")
     return Constraint("schema", gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR), fmt)
 
 
@@ -113,13 +156,33 @@ def parse_answer(constraint: Constraint, text: str) -> Any:
     A grammar's answer has no value: None."""
     if constraint.kind == "grammar":
         return None
-    value = json.loads(text)
+    value = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
     if constraint.schema is not None:
         import jsonschema  # noqa: PLC0415
+        import referencing  # noqa: PLC0415
 
-        validator = jsonschema.validators.validator_for(constraint.schema)(constraint.schema)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        schema = constraint.schema
+        try:
+            # An empty registry: a reference is never fetched (constraint_of refuses remote
+            # ones too).
+            validator = jsonschema.validators.validator_for(schema)(
+                schema, registry=referencing.Registry()
+            )
+            error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        except Exception as exc:  # a reference that goes in circles or nowhere
+            raise InvalidAnswer(f"the schema could not be checked: {type(exc).__name__}") from None
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "the top"
             raise InvalidAnswer(f"at {where}: {error.message[:200]}")
     return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise InvalidAnswer(f"the number {text[:40]} is beyond what JSON answers carry")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidAnswer(f"{name} is not JSON")

@@ -138,3 +138,21 @@ def test_constrained_and_free_answers_are_the_same_alone_and_batched(daemon: Dae
     assert max(f["timings"]["peak_batch"] for f in batched if f["event"] == "done") > 1
     for one, many in zip(alone, batched):
         assert (one["event"], one.get("text")) == (many["event"], many.get("text"))
+
+
+def test_a_grammar_that_allows_nothing_fails_its_request_only(conn: Conn) -> None:
+    """No token starts with NUL and the grammar cannot end yet: that request ends with an
+    error, and the inference thread goes on with the next one."""
+    final = ask(conn, "n1", grammar="root ::= [\\x00]", max_tokens=4)
+    assert final["event"] == "error", final
+    after = ask(conn, "n2", max_tokens=4)
+    assert after["event"] == "done", after
+
+
+def test_an_incomplete_answer_is_not_kept_in_the_session(conn: Conn) -> None:
+    cut = ask(conn, "c1", format=ALARM, max_tokens=5, session="line-3")
+    assert cut["code"] == "incomplete", cut
+    conn.send({"id": "c2", "prompt": "What did you answer before?", "session": "line-3",
+               "max_tokens": 4})  # fmt: skip
+    follow = conn.until_final("c2")[-1]
+    assert follow["usage"]["prompt_tokens"] < cut["usage"]["prompt_tokens"] + 20, follow
