@@ -89,6 +89,11 @@ class EngineConfig:
     prompt_cache_mb: int = _f(
         32, lo=0, hi=65536, doc="RAM for earlier prompts' cells no slot holds any more; 0: off"
     )
+    allow_grammar: bool = _f(
+        False,
+        doc="take requests' raw GBNF `grammar` (an ambiguous grammar can hold the inference "
+        "thread for long; `format` schemas are always taken)",
+    )
     share_prompt_cache: bool = _f(
         False,
         doc="reuse one client's prompt cells for another beyond the system prompt (faster, but "

@@ -171,6 +171,12 @@ class Dispatcher:
         """An already decoded JSON value (MQTT strips its transport fields first)."""
         try:
             msg = protocol.parse(obj, max_tokens_limit=self.cfg.model.max_tokens)
+            constraint = msg.constraint if isinstance(msg, Request) else None
+            if constraint and constraint.kind == "grammar" and not self.cfg.engine.allow_grammar:
+                raise ProtocolError(
+                    protocol.BAD_REQUEST, "`grammar` is off on this box ([engine] allow_grammar); "
+                    "`format` with a JSON Schema is taken", msg.id,
+                )  # fmt: skip
             self.handle(msg, sink, via_deep_topic)
         except ProtocolError as exc:
             self._reply_error(sink, exc.request_id, exc.code, exc.message)

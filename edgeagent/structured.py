@@ -100,6 +100,10 @@ def _check_schema_shape(schema: Any) -> None:
         for key in REFUSED_KEYWORDS:
             if key in item:
                 raise ValueError(f"`format`: `{key}` is not taken")
+        if "pattern" in item and item.get("type") != "string":
+            # Only there does the grammar hold the string to it; elsewhere Python's re would
+            # judge whatever the model wrote, with no bound on backtracking.
+            raise ValueError('`format`: `pattern` is taken only beside "type": "string"')
         stack.extend(item.values())
 
 

@@ -4,7 +4,8 @@ real model."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import openai
 import pytest
@@ -24,6 +25,18 @@ NOTE = (
     "Filler 3 shows alarm F17: low air pressure at the capper. Give the alarm, its severity "
     "and the checks to make."
 )
+
+
+@pytest.fixture(scope="module")
+def grammars(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """A daemon that takes raw GBNF (`[engine] allow_grammar`, off by default)."""
+    return daemon_factory(engine_extra="allow_grammar = true")
+
+
+@pytest.fixture
+def gconn(grammars: Daemon) -> Iterator[Conn]:
+    with connect(grammars.socket_path) as c:
+        yield c
 
 
 def ask(conn: Conn, rid: str, **fields: Any) -> dict[str, Any]:
@@ -52,8 +65,10 @@ def test_json_gives_an_object(conn: Conn) -> None:
     assert isinstance(done["json"], dict)
 
 
-def test_a_grammar_holds_the_answer_to_its_language(conn: Conn) -> None:
-    done = ask(conn, "g1", grammar='root ::= "yes" | "no"', prompt="Is 3 larger than 2?")
+def test_a_grammar_holds_the_answer_to_its_language(gconn: Conn, conn: Conn) -> None:
+    refused = ask(conn, "g0", grammar='root ::= "yes" | "no"')
+    assert refused["code"] == "bad_request" and "allow_grammar" in refused["message"], refused
+    done = ask(gconn, "g1", grammar='root ::= "yes" | "no"', prompt="Is 3 larger than 2?")
     assert done["event"] == "done", done
     assert done["text"] in ("yes", "no") and "json" not in done
 
@@ -64,7 +79,8 @@ def test_an_answer_cut_inside_its_structure_is_incomplete(conn: Conn) -> None:
     assert final["text"].startswith("{")
 
 
-def test_bad_schemas_and_grammars_are_bad_requests(conn: Conn) -> None:
+def test_bad_schemas_and_grammars_are_bad_requests(gconn: Conn) -> None:
+    conn = gconn
     for rid, fields in [
         ("b1", {"format": "yaml"}),
         ("b2", {"format": {"type": "string", "pattern": "abc"}}),
@@ -110,7 +126,8 @@ def test_openai_response_format_over_http(daemon: Daemon) -> None:
     assert bad.value.param == "response_format"
 
 
-def test_constrained_and_free_answers_are_the_same_alone_and_batched(daemon: Daemon) -> None:
+def test_constrained_and_free_answers_are_the_same_alone_and_batched(grammars: Daemon) -> None:
+    daemon = grammars
     """Greedy answers do not depend on what shares the step, grammars or not."""
     asks = [
         {"format": ALARM, "prompt": NOTE},
@@ -140,7 +157,8 @@ def test_constrained_and_free_answers_are_the_same_alone_and_batched(daemon: Dae
         assert (one["event"], one.get("text")) == (many["event"], many.get("text"))
 
 
-def test_a_grammar_that_allows_nothing_fails_its_request_only(conn: Conn) -> None:
+def test_a_grammar_that_allows_nothing_fails_its_request_only(gconn: Conn) -> None:
+    conn = gconn
     """No token starts with NUL and the grammar cannot end yet: that request ends with an
     error, and the inference thread goes on with the next one."""
     final = ask(conn, "n1", grammar="root ::= [\\x00]", max_tokens=4)

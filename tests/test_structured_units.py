@@ -46,3 +46,9 @@ def test_numbers_json_cannot_carry_are_invalid() -> None:
         with pytest.raises(InvalidAnswer):
             parse_answer(constraint, text)
     assert parse_answer(constraint, '{"a": 1e10}') == {"a": 1e10}
+
+
+def test_a_pattern_is_taken_only_where_the_grammar_holds_to_it() -> None:
+    assert constraint_of({"type": "string", "pattern": "^F[0-9]{2}$"}, None) is not None
+    with pytest.raises(ValueError, match="`pattern` is taken only"):
+        constraint_of({"type": ["string", "null"], "pattern": "^(a+)+$"}, None)
