@@ -147,30 +147,25 @@ class Running:
         try:
             value = parse_answer(req.constraint, self.matcher.text)
         except RecursionError:
-            exc = InvalidAnswer("nested too deeply to read")
-            event = protocol.error_event(req.id, protocol.INVALID, f"the answer is {exc}")
-            event["text"] = self.matcher.text
-            event["usage"] = done["usage"]
-            return event
+            return self._failed(done, protocol.INVALID, "the answer is nested too deeply to read")
         except InvalidAnswer as exc:
-            event = protocol.error_event(
-                req.id, protocol.INVALID, f"the answer does not fit the schema {exc}"
-            )  # fmt: skip
-            event["text"] = self.matcher.text
-            event["usage"] = done["usage"]
-            return event
+            return self._failed(done, protocol.INVALID, f"the answer does not fit the schema {exc}")
         except ValueError:
             cut = "max_tokens" if finish == "length" else f"the answer's end ({finish})"
-            event = protocol.error_event(
-                req.id, protocol.INCOMPLETE,
+            return self._failed(
+                done, protocol.INCOMPLETE,
                 f"{cut} came before the answer's {req.constraint.kind} was complete",
             )  # fmt: skip
-            event["text"] = self.matcher.text
-            event["usage"] = done["usage"]
-            return event
         if req.constraint.kind != "grammar":
             done["json"] = value
         return done
+
+    def _failed(self, done: Event, code: str, message: str) -> Event:
+        """The error that ends a structured answer instead of `done`, with its text and usage."""
+        event = protocol.error_event(self.job.request.id, code, message)
+        event["text"] = self.matcher.text
+        event["usage"] = done["usage"]
+        return event
 
 
 def stopped_event(job: Job, partial: str, n_tokens: int) -> Event:
