@@ -49,6 +49,8 @@ PUBLISH_TIMEOUT_S = 30.0
 # One server-sent event line: a token's delta in JSON is far below this, so a longer line is a
 # model server gone wrong, not an answer to wait for.
 MAX_SSE_LINE_BYTES = 1 << 20
+# An escalation's JSON Schema: the edge's own bound ([engine] format_max_bytes) is at most 1 MiB.
+MAX_FORMAT_BYTES = 1 << 20
 READ_BYTES = 64 << 10
 
 # (node id, escalation id): what the worker remembers an escalation by, so one node can neither
@@ -91,7 +93,34 @@ def parse_escalation(payload: bytes) -> dict[str, Any]:
             raise EscalationError(f"`{key}` must be a positive integer")
     if "temperature" in obj and not isinstance(obj["temperature"], (int, float)):
         raise EscalationError("`temperature` must be a number")
+    if "format" in obj:
+        fmt = obj["format"]
+        if fmt != "json" and not (
+            isinstance(fmt, dict) and len(json.dumps(fmt)) <= MAX_FORMAT_BYTES
+        ):
+            raise EscalationError(
+                f'`format` must be "json" or a JSON Schema object of at most {MAX_FORMAT_BYTES} '
+                "bytes"
+            )
     return obj
+
+
+def response_format(fmt: Any, style: str) -> Optional[dict[str, Any]]:
+    """An escalation's `format` as the model server's `response_format` ([worker]
+    response_format): OpenAI's `json_schema` (vLLM, llama-server), TGI's `json_object` with the
+    schema as `value`, llama-cpp-python's `json_object` with the schema as `schema`; "off"
+    sends none (the edge still checks the answer)."""
+    if fmt is None or style == "off":
+        return None
+    if fmt == "json":  # any object; TGI wants a schema for it
+        fmt = {"type": "object"} if style == "tgi" else None
+        if fmt is None:
+            return {"type": "json_object"}
+    if style == "tgi":
+        return {"type": "json_object", "value": fmt}
+    if style == "llama-cpp":
+        return {"type": "json_object", "schema": fmt}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": fmt, "strict": True}}
 
 
 def shown(value: object) -> str:
@@ -398,6 +427,9 @@ class CloudWorker:
             "temperature": esc.get("temperature", w.temperature),
             "stream": True,
         }
+        shape = response_format(esc.get("format"), w.response_format)
+        if shape is not None:
+            body["response_format"] = shape
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"

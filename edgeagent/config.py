@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import ipaddress
+import json
 import math
 import os
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from edgeagent._toml import tomllib
+from edgeagent.structured import Limits, constraint_of
 
 DEFAULT_CONFIG_RESOURCE = "default.toml"
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -93,6 +95,17 @@ class EngineConfig:
         False,
         doc="take requests' raw GBNF `grammar` (an ambiguous grammar can hold the inference "
         "thread for long; `format` schemas are always taken)",
+    )
+    format_max_bytes: int = _f(
+        16_384, lo=64, hi=1 << 20, doc="largest JSON Schema a request's `format` may be"
+    )
+    format_max_depth: int = _f(16, lo=2, hi=64, doc="... and how deep it may nest")
+    format_max_repeat: int = _f(
+        256, lo=1, hi=1024,
+        doc="... its largest minItems, maxItems, minLength, maxLength (each one grammar rules)",
+    )  # fmt: skip
+    grammar_max_bytes: int = _f(
+        16_384, lo=64, hi=1 << 20, doc="longest GBNF `grammar` taken (with allow_grammar)"
     )
     share_prompt_cache: bool = _f(
         False,
@@ -175,6 +188,20 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class TopicSchema:
+    """`[mqtt.schemas]`: requests on `<prefix>/<node_id>/<topic>` get `schema` as their
+    default `format` (read from `path` at start)."""
+
+    topic: str  # "ask/alarm"
+    path: str
+    schema: Any = None  # the file's JSON Schema, once read
+
+
+SCHEMA_TOPIC_RE = re.compile(r"ask(/[A-Za-z0-9_.-]{1,64}){1,4}")
+MAX_SCHEMA_FILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
 class MqttConfig:
     enabled: bool = _f(False)
     host: str = _f("localhost")
@@ -215,6 +242,13 @@ class MqttConfig:
     priority: int = _f(0, lo=-100, hi=100, doc="for requests that set none; higher goes first")
     reconnect_min_s: int = _f(1, lo=1, hi=3600)
     reconnect_max_s: int = _f(30, lo=1, hi=3600)
+    schemas: tuple[TopicSchema, ...] = field(
+        default=(),
+        metadata={
+            "kind": "schemas",
+            "doc": '{"ask/alarm" = "alarm.json", ...}: a default JSON Schema per request topic',
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -300,6 +334,11 @@ class WorkerConfig:
     max_answer_bytes: int = _f(
         256 << 10, lo=1024, hi=64 << 20, doc="longest answer streamed back; the rest is cut"
     )
+    response_format: str = _f(
+        "openai", choices=("openai", "tgi", "llama-cpp", "off"),
+        doc="how an escalation's JSON Schema is passed on: OpenAI's json_schema (vLLM, "
+        "llama-server), TGI's json_object+value, llama-cpp-python's json_object+schema, or not",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -386,6 +425,57 @@ def _check_strings(value: Any, kind: str) -> tuple[Any, Optional[str]]:
             except re.error as exc:
                 return value, f"{v!r} is not a valid regular expression: {exc}"
     return tuple(value), None
+
+
+def _check_schemas(value: Any) -> tuple[Any, Optional[str]]:
+    """`[mqtt.schemas]`: topic suffixes under `ask/` mapped to schema files (read later)."""
+    if not isinstance(value, dict):
+        return value, 'expected a table like {"ask/alarm" = "/etc/edgeagent/alarm.json"}'
+    out = []
+    for topic, path in value.items():
+        if not SCHEMA_TOPIC_RE.fullmatch(topic) or topic.split("/")[1] == "deep":
+            return value, (
+                f"{topic!r} must be ask/<name> (up to 4 levels of letters, digits, '_', '-', "
+                "'.'), not ask/deep"
+            )
+        if not isinstance(path, str) or not path:
+            return value, f"{topic}: expected the path of a JSON Schema file, got {path!r}"
+        out.append(TopicSchema(topic, path))
+    return tuple(out), None
+
+
+def read_schema_file(path: Path, limits: Limits) -> Any:
+    """The JSON Schema in the file at `path`, checked like a request's `format` within
+    `limits`; raises ValueError with the reason."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_SCHEMA_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_SCHEMA_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_SCHEMA_FILE_BYTES >> 20} MiB")
+    try:
+        schema = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"not a JSON document: {exc}") from None
+    constraint_of(schema, None, limits)  # the same checks as a request's `format`
+    return schema
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def format_limits(engine: EngineConfig) -> Limits:
+    """What a `format` or `grammar` may cost on this box."""
+    e = engine
+    return Limits(e.format_max_bytes, e.format_max_depth, e.grammar_max_bytes, e.format_max_repeat)
 
 
 def _check_redactions(value: Any) -> tuple[Any, Optional[str]]:
@@ -552,6 +642,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: Any) -> tuple[Any, Optiona
         return _check_strings(value, kind)
     if kind == "redactions":
         return _check_redactions(value)
+    if kind == "schemas":
+        return _check_schemas(value)
     if key.endswith(".mode") and isinstance(value, str):
         if not re.fullmatch(r"0?o?[0-7]{3,4}", value):
             return value, f'expected an octal file mode like "0660", got {value!r}'
@@ -734,6 +826,10 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(f"{src}: worker.worker_id: 1-64 of letters, digits, '_', '-', '.'")
     if not re.match(r"https?://", w.base_url):
         problems.append(f"{src}: worker.base_url: expected an http:// or https:// URL")
+    if m.enabled and m.schemas:
+        cfg = dataclasses.replace(
+            cfg, mqtt=dataclasses.replace(m, schemas=_read_schemas(cfg, problems))
+        )
     if not cfg.socket.path:
         problems.append(f"{src}: socket.path: must not be empty")
     elif len(cfg.socket.path.encode()) > 107:
@@ -747,6 +843,21 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
             "(it becomes part of MQTT topics)"
         )
     return dataclasses.replace(cfg, node_id=node_id)
+
+
+def _read_schemas(cfg: Config, problems: list[str]) -> tuple[TopicSchema, ...]:
+    """Each `[mqtt.schemas]` file read and checked now, as at start; a relative path is
+    relative to the config file's directory."""
+    base = Path(cfg.source).parent if Path(cfg.source).is_file() else Path.cwd()
+    limits = format_limits(cfg.engine)
+    out = []
+    for ts in cfg.mqtt.schemas:
+        path = base / ts.path
+        try:
+            out.append(dataclasses.replace(ts, schema=read_schema_file(path, limits)))
+        except ValueError as exc:
+            problems.append(f'{cfg.source}: mqtt.schemas."{ts.topic}": {path}: {exc}')
+    return tuple(out)
 
 
 def _http_problems(http: HttpConfig, src: str, problems: list[str]) -> None:

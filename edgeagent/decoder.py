@@ -235,6 +235,7 @@ class BatchDecoder:
         self._grammars: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.grammar_stats = {"compiled": 0, "reused": 0, "checked": 0, "resampled": 0,
                               "resampled_whole": 0}  # fmt: skip
+        self._control: Optional[frozenset[int]] = None  # see control_tokens
         # One candidate, to ask a slot's grammar about the token its chain chose.
         self._one = llama_cpp.llama_token_data()
         self._one_arr = llama_cpp.llama_token_data_array(
@@ -284,6 +285,19 @@ class BatchDecoder:
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
 
+    def control_tokens(self) -> frozenset[int]:
+        """Control tokens that do not end generation (<|im_start|>, <|fim_prefix|>, ...).
+        llama.cpp's grammar reads them by their special text, so a string rule takes them,
+        while the answer's text has none of it: under a grammar they are never drawn.
+        Found once, on the first constrained request (a pass over the vocabulary)."""
+        if self._control is None:
+            lib, vocab = self._lib, self.vocab
+            self._control = frozenset(
+                t for t in range(self.n_vocab)
+                if lib.llama_vocab_is_control(vocab, t) and not lib.llama_vocab_is_eog(vocab, t)
+            )  # fmt: skip
+        return self._control
+
     # --- sampling -------------------------------------------------------------------------
 
     def compile_grammar(self, gbnf: str) -> Any:
@@ -310,11 +324,11 @@ class BatchDecoder:
         temperature: Optional[float],
         seed: int = 0,
         top_p: Optional[float] = None,
-        grammar: Optional[str] = None,
+        grammar: Any = None,
     ) -> None:
         """Greedy for temperature 0, else top-k, top-p (TOP_P unless given), min-p,
-        temperature, random draw; with `grammar` (GBNF), only tokens it allows (see
-        `sample`). None frees the slot's samplers."""
+        temperature, random draw; with `grammar` (GBNF, or compile_grammar's result), only
+        tokens it allows (see `sample`). None frees the slot's samplers."""
         lib = self._lib
         if slot.sampler is not None:
             lib.llama_sampler_free(slot.sampler)
@@ -325,7 +339,9 @@ class BatchDecoder:
         if temperature is None:
             return
         if grammar is not None:
-            slot.grammar = lib.llama_sampler_clone(self.compile_grammar(grammar))
+            # A GBNF text, or what compile_grammar made of one (the engine parses it first).
+            template = self.compile_grammar(grammar) if isinstance(grammar, str) else grammar
+            slot.grammar = lib.llama_sampler_clone(template)
         slot.greedy = temperature <= 0
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if temperature <= 0:
@@ -354,14 +370,24 @@ class BatchDecoder:
         if slot.grammar is None:
             return token
         self.grammar_stats["checked"] += 1
-        one: Any = self._one
-        one.id, one.logit, one.p = token, 1.0, 0.0
-        self._one_arr.size, self._one_arr.selected, self._one_arr.sorted = 1, -1, False
-        lib.llama_sampler_apply(slot.grammar, ctypes.byref(self._one_arr))
-        if one.logit == -math.inf:
+        if token in self.control_tokens() or not self._allows(slot, token):
             token = self._resample(slot)
         lib.llama_sampler_accept(slot.grammar, token)
         return token
+
+    def _allows(self, slot: Slot, token: int) -> bool:
+        """Whether the slot's grammar takes `token` next (asked about that token alone)."""
+        one: Any = self._one
+        one.id, one.logit, one.p = token, 1.0, 0.0
+        self._one_arr.size, self._one_arr.selected, self._one_arr.sorted = 1, -1, False
+        self._lib.llama_sampler_apply(slot.grammar, ctypes.byref(self._one_arr))
+        return bool(one.logit != -math.inf)
+
+    def grammar_complete(self, slot: Slot) -> bool:
+        """Whether the slot's grammar would let the answer end here (no grammar: True)."""
+        if slot.grammar is None:
+            return True
+        return self._allows(slot, int(self._lib.llama_vocab_eos(self.vocab)))
 
     def _resample(self, slot: Slot) -> int:
         """The draw again, among the tokens the slot's grammar allows: first among those with
@@ -373,6 +399,8 @@ class BatchDecoder:
         self.grammar_stats["resampled"] += 1
         ptr = lib.llama_get_logits_ith(self.ctx, slot.logits_at)
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        logits = logits.copy()  # llama.cpp's own buffer stays as the step left it
+        logits[sorted(self.control_tokens())] = -np.inf
         top = min(RESAMPLE_TOP, self.n_vocab)
         cut = np.partition(logits, self.n_vocab - top)[self.n_vocab - top]
         need = 1 if slot.greedy else TOP_K

@@ -20,7 +20,7 @@ import psutil
 
 from edgeagent import __version__, policy, protocol
 from edgeagent import spool as sp
-from edgeagent.config import Config
+from edgeagent.config import Config, format_limits
 from edgeagent.engine import Engine, EngineBusy, EngineStopped
 from edgeagent.escalation import Escalator, SpoolError
 from edgeagent.job import Job
@@ -170,7 +170,8 @@ class Dispatcher:
     def handle_decoded(self, obj: Any, sink: ReplySink, via_deep_topic: bool = False) -> None:
         """An already decoded JSON value (MQTT strips its transport fields first)."""
         try:
-            msg = protocol.parse(obj, max_tokens_limit=self.cfg.model.max_tokens)
+            msg = protocol.parse(obj, max_tokens_limit=self.cfg.model.max_tokens,
+                                 limits=format_limits(self.cfg.engine))  # fmt: skip
             constraint = msg.constraint if isinstance(msg, Request) else None
             if constraint and constraint.kind == "grammar" and not self.cfg.engine.allow_grammar:
                 raise ProtocolError(
@@ -404,8 +405,17 @@ class Dispatcher:
             "messages": policy.redact_messages(messages, self.escalator.rules),
             "max_tokens": req.max_tokens or self.cfg.escalation.max_tokens,
             **({"temperature": req.temperature} if req.temperature is not None else {}),
+            **self._cloud_format(req),
             "reason": reason.as_dict(),
         }
+
+    @staticmethod
+    def _cloud_format(req: Request) -> dict[str, Any]:
+        """The `format` the cloud's answer must have too (a raw grammar never leaves)."""
+        c = req.constraint
+        if c is None or c.kind == "grammar":
+            return {}
+        return {"format": "json" if c.kind == "json" else c.schema}
 
     def _queued_done(self, entry: _Inflight) -> Event:
         return protocol.done_event(entry.request.id, "", source="queued",
@@ -444,7 +454,10 @@ class Dispatcher:
         assert entry.escalation is not None
         if event.get("event") != "done":
             log.warning("escalation %s failed in the cloud: %s", entry.esc_id, event.get("message"))
-            entry.escalation.update(status="cloud_error", message=event.get("message", ""))
+            # `invalid`: the cloud answered, but not in the shape asked for (escalation.py
+            # checked it); the local model's constrained answer stands in.
+            status = "invalid" if event.get("code") == protocol.INVALID else "cloud_error"
+            entry.escalation.update(status=status, message=event.get("message", ""))
             self._ask_local(entry)
             return
         text = event.get("text", "")
@@ -464,6 +477,7 @@ class Dispatcher:
                 **({"session": req.session} if req.session else {}),
                 usage=event.get("usage", {}),
                 timings={"total_ms": round((now - started) * 1000, 1)},
+                **({"json": event["json"]} if "json" in event else {}),
             ),
         )
 

@@ -454,9 +454,10 @@ class Engine:
                 else None
             )
             started = time.monotonic()
+            grammar = None
             if req.constraint is not None:
-                try:  # parsed before a slot is touched (kept: set_sampler clones it)
-                    self._dec.compile_grammar(req.constraint.gbnf)  # type: ignore[union-attr]
+                try:  # parsed before a slot is touched; set_sampler clones it
+                    grammar = self._dec.compile_grammar(req.constraint.gbnf)  # type: ignore[union-attr]
                 except GrammarError as exc:
                     field = "grammar" if req.constraint.kind == "grammar" else "format"
                     job.emit(protocol.error_event(req.id, protocol.BAD_REQUEST,
@@ -496,7 +497,7 @@ class Engine:
                 self.cfg.model.temperature if req.temperature is None else req.temperature,
                 seed=int.from_bytes(os.urandom(4), "little") if req.seed is None else req.seed,
                 top_p=req.top_p,
-                grammar=req.constraint.gbnf if req.constraint else None,
+                grammar=grammar,
             )
         except Exception as exc:
             log.exception("request %s failed to start", req.id)
@@ -658,7 +659,7 @@ class Engine:
         if a.first_at is None:
             a.first_at = now
         if dec.is_eog(token):
-            self._finish(a, "stop")
+            self._finish(a, "stop", eog=True)
             return
         a.completion.append(token)
         if job.want_confidence:
@@ -673,7 +674,7 @@ class Engine:
         else:
             a.next_token = token
 
-    def _finish(self, a: Running, finish: str) -> None:
+    def _finish(self, a: Running, finish: str, eog: bool = False) -> None:
         assert self._dec is not None
         job, req = a.job, a.job.request
         tail = a.matcher.feed(a.utf8.decode(b"", final=True))[0] + a.matcher.flush()
@@ -681,7 +682,13 @@ class Engine:
             job.emit(protocol.token_event(req.id, tail))
         end = time.monotonic()
         text = a.matcher.text
-        final = a.final_event(finish, end, self.cfg.node_id, self.model_name)
+        # An answer its grammar ended is complete; one cut by max_tokens is when the grammar
+        # would let it end there. A stop string cuts the text inside the token the grammar
+        # took: a JSON answer's text is judged by parsing it, a raw grammar's cannot be.
+        cut_by_stop = finish == "stop" and not eog
+        raw_grammar = req.constraint is not None and req.constraint.kind == "grammar"
+        complete = eog or (not (cut_by_stop and raw_grammar) and self._dec.grammar_complete(a.slot))
+        final = a.final_event(finish, end, self.cfg.node_id, self.model_name, complete)
         answered = final["event"] == "done"  # not a structured answer cut short or invalid
         if a.conv is not None and answered:
             # Before `done`: a client that reacts to it (follow-up, reset) sees the new turn.

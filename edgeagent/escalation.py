@@ -36,6 +36,7 @@ from edgeagent.mqtt_client import (
 )
 from edgeagent.policy import Rules
 from edgeagent.spool import Entry, EscalationSpool, QuotaExceeded
+from edgeagent.structured import InvalidAnswer, answer_check, parse_answer
 from edgeagent.topics import CloudTopics
 from edgeagent.transport import ReplySink
 
@@ -277,7 +278,7 @@ def followup_event(entry: Entry) -> dict[str, Any]:
         event.update(
             source="cloud",
             text=answer.get("text", ""),
-            **{k: answer[k] for k in ("model", "finish_reason", "usage") if k in answer},
+            **{k: answer[k] for k in ("model", "finish_reason", "usage", "json") if k in answer},
         )
     elif entry.state == sp.FAILED:
         event["error"] = {"code": answer.get("code"), "message": answer.get("message")}
@@ -535,6 +536,13 @@ class Escalator:
     async def _finished(self, esc_id: str, event: dict[str, Any]) -> None:
         state = sp.ANSWERED if event["event"] == "done" else sp.FAILED
         answer = _cloud_fields(event)
+        if state == sp.ANSWERED:
+            answer = await self._db(self._in_shape, esc_id, answer)
+            if "code" in answer:
+                state = sp.FAILED
+                self.counters["answers_invalid"] += 1
+                log.warning("escalation %s: %s", esc_id, answer["message"])
+                event = {"event": "error", **answer}
         changed = await self._db(self.spool.finish, esc_id, state, answer)
         self._inflight.pop(esc_id, None)
         self._heard.discard(esc_id)
@@ -566,6 +574,26 @@ class Escalator:
                 lambda: self._spawn(self._db(self.spool.mark_delivered, entry.id)),
             )  # fmt: skip
         self.counters["followups"] += 1
+
+    def _in_shape(self, esc_id: str, answer: dict[str, Any]) -> dict[str, Any]:
+        """The cloud's answer to a question asked with a `format`, checked like a local one:
+        with its value as `json`, or as an `invalid` error saying why (spool thread)."""
+        entry = self.spool.get(esc_id)
+        fmt = entry.payload.get("format") if entry and entry.state == sp.WAITING else None
+        if fmt is None:
+            return answer
+        try:
+            value = parse_answer(answer_check(fmt), answer.get("text", ""))
+        except (ValueError, RecursionError) as exc:  # InvalidAnswer is a ValueError
+            if isinstance(exc, InvalidAnswer):
+                why = str(exc)[:300]
+            elif answer.get("finish_reason") == "length":
+                why = "max_tokens cut it before its JSON was complete"
+            else:
+                why = "it is not complete JSON"
+            message = f"the cloud's answer does not have the shape asked for: {why}"
+            return {"code": protocol.INVALID, "message": message}
+        return {**answer, "json": value}
 
     async def _maintain(self) -> None:
         for entry in await self._db(self.spool.expire):

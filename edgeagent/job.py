@@ -137,20 +137,28 @@ class Running:
             },
         )
 
-    def final_event(self, finish: str, end: float, node_id: str, model: str) -> Event:
+    def final_event(self, finish: str, end: float, node_id: str, model: str,
+                    complete: bool = True) -> Event:  # fmt: skip
         """`done`, with the answer's JSON value as `json` when the request asked for one; or
-        `incomplete` when max_tokens cut the answer inside its structure."""
+        `incomplete` when max_tokens or a stop string cut the answer inside its structure
+        (`complete`: the grammar would let it end here)."""
         req = self.job.request
         done = self.done_event(finish, end, node_id, model)
         if req.constraint is None:
             return done
-        try:
-            value = parse_answer(req.constraint, self.matcher.text)
-        except RecursionError:
-            return self._failed(done, protocol.INVALID, "the answer is nested too deeply to read")
-        except InvalidAnswer as exc:
-            return self._failed(done, protocol.INVALID, f"the answer does not fit the schema {exc}")
-        except ValueError:
+        value = None
+        if complete:
+            try:
+                value = parse_answer(req.constraint, self.matcher.text)
+            except RecursionError:
+                return self._failed(done, protocol.INVALID, "the answer is nested too deeply")
+            except InvalidAnswer as exc:
+                return self._failed(
+                    done, protocol.INVALID, f"the answer does not fit the schema {exc}"
+                )
+            except ValueError:  # not whole JSON
+                complete = False
+        if not complete:
             cut = "max_tokens" if finish == "length" else f"the answer's end ({finish})"
             return self._failed(
                 done, protocol.INCOMPLETE,

@@ -84,6 +84,21 @@ def recent_entry_bytes(key: tuple[Any, ...]) -> int:
     return RECENT_ENTRY_OVERHEAD + sum(sys.getsizeof(part) for part in key)
 
 
+def plain_text(payload: bytes) -> str:
+    """A plain-text question: UTF-8, not empty, no NUL (a ProtocolError says which)."""
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise protocol.ProtocolError(
+            protocol.BAD_REQUEST, f"invalid UTF-8 at byte {exc.start}"
+        ) from None
+    if not text:
+        raise protocol.ProtocolError(protocol.BAD_REQUEST, "an empty question")
+    if "\x00" in text:
+        raise protocol.ProtocolError(protocol.BAD_REQUEST, "a question holding NUL")
+    return text
+
+
 class _Delivery:
     """Where one inbound request came from and how to acknowledge it."""
 
@@ -195,7 +210,13 @@ class MqttLink:
     ) -> None:
         self.cfg, self.dispatcher, self.loop, self.describe = cfg, dispatcher, loop, describe
         m = cfg.mqtt
-        self.topics = Topics(m.topic_prefix, cfg.node_id, m.shared_group)
+        self.topics = Topics(
+            m.topic_prefix, cfg.node_id, m.shared_group, tuple(ts.topic for ts in m.schemas)
+        )
+        # request topic -> (its [mqtt.schemas] key, the default `format` of requests on it)
+        self.schemas: dict[str, tuple[str, Any]] = {
+            self.topics.node_topic(ts.topic): (ts.topic, ts.schema) for ts in m.schemas
+        }
         self.v5 = m.protocol == "5"
         self.client_id = m.client_id or f"edgeagent-{cfg.node_id}"
         self.connected = asyncio.Event()
@@ -212,7 +233,8 @@ class MqttLink:
         self._recent_bytes = 0  # bounded by redelivery_mb as _recent is by RECENT_REQUESTS
         # v3.1.1 has no way to tell the broker our limit: there the broker's own (mosquitto's
         # `max_packet_size`) is what keeps a huge message from being read whole.
-        request_topics = [self.topics.ask, self.topics.ask_deep, self.topics.group_ask]
+        request_topics = [self.topics.ask, self.topics.ask_deep, self.topics.group_ask,
+                          *self.schemas]  # fmt: skip
         self.max_packet_size_asked = largest_request_packet(m, request_topics) if self.v5 else None
         self._ack_on_puback: dict[int, _Delivery] = {}
         self._final_topics: dict[int, str] = {}  # QoS 1 finals awaiting PUBACK, for logs
@@ -309,6 +331,7 @@ class MqttLink:
                 "node_id": self.cfg.node_id,
                 "since": round(time.time()),
                 "ask_topic": self.topics.ask,
+                **({"schema_topics": list(self.schemas)} if self.schemas else {}),
                 **self.describe(),
             }
         )
@@ -483,9 +506,13 @@ class MqttLink:
                 rt_problem = f"the Response Topic {rt_problem}"
                 self.counters["bad_reply_topic"] += 1
         reply_topic = response_topic if rt_problem is None else None
+        schema = self.schemas.get(topic)
+        # A schema topic's requests that name no reply topic are answered on its own.
+        fallback = self.topics.default_reply(schema[0]) if schema is not None else None
 
         def reject(rid: Optional[str], message: str) -> None:
-            if reply_topic is None:
+            to = reply_topic or fallback
+            if to is None:
                 # One line per message, never quoting the client's topic or payload.
                 log.warning(
                     "dropping a request on %s with no way to reply: %s", topic,
@@ -495,10 +522,10 @@ class MqttLink:
                 self._ack(delivery)
                 return
             # A refused message delivered again is refused once, like a request answered once.
-            if self._redelivered(("refused", reply_topic, correlation,
+            if self._redelivered(("refused", to, correlation,
                                   hashlib.sha256(payload).digest()), delivery, dup):  # fmt: skip
                 return
-            sink = MqttReplySink(self, reply_topic, correlation, delivery)
+            sink = MqttReplySink(self, to, correlation, delivery)
             self.dispatcher.stats.errors[protocol.BAD_REQUEST] += 1
             sink.send(protocol.error_event(rid, protocol.BAD_REQUEST, message))
 
@@ -506,11 +533,23 @@ class MqttLink:
             limit = self.cfg.mqtt.max_payload_bytes
             reject(None, f"payload of {len(payload)} bytes is over the {limit}-byte limit")
             return
+        text_key = None
         try:
-            obj = protocol.decode(payload)
+            if schema is not None and not payload.lstrip().startswith(b"{"):
+                # Plain text on a schema topic is the question itself, answered in one event.
+                obj: Any = {"prompt": plain_text(payload), "stream": False}
+                text_key = "text:" + hashlib.sha256(payload).hexdigest()
+            else:
+                obj = protocol.decode(payload)
         except protocol.ProtocolError as exc:
             reject(None, exc.message)
             return
+        if (
+            schema is not None
+            and isinstance(obj, dict)
+            and not {"op", "format", "grammar"} & set(obj)
+        ):
+            obj["format"] = schema[1]
         if isinstance(obj, dict) and "reply_to" in obj:
             reply_to = obj.pop("reply_to")
             problem = reply_topic_problem(reply_to, max_topic)
@@ -524,14 +563,16 @@ class MqttLink:
             rid = protocol.request_id_of(obj) if isinstance(obj, dict) else None
             reject(rid, rt_problem)
             return
+        reply_topic = reply_topic or fallback
         if reply_topic is None:
             reject(None, "no Response Topic property and no `reply_to` field")
             return
         if isinstance(obj, dict) and "op" not in obj and "id" not in obj:
             # MQTT v5 clients correlate by Correlation Data; the protocol still wants an id.
             obj["id"] = correlation.hex()[:64] if correlation else uuid.uuid4().hex
-        # Only a valid id goes into the key: any other JSON value may be unhashable.
-        rid = protocol.request_id_of(obj) if isinstance(obj, dict) else None
+        # Only a valid id goes into the key: any other JSON value may be unhashable. Plain text
+        # has no id of its own: a redelivery is known by its bytes.
+        rid = text_key or (protocol.request_id_of(obj) if isinstance(obj, dict) else None)
         if self._redelivered((reply_topic, correlation, rid), delivery, dup):
             return
         sink = MqttReplySink(self, reply_topic, correlation, delivery)

@@ -46,8 +46,10 @@ class Rules:
 
 def may_leave_the_box(req: Request) -> bool:
     """`private: true` or `escalate: false` keep a request local, whatever the rules say; so
-    does `format` or `grammar`, until the cloud's answer keeps the shape asked for."""
-    return not req.private and req.escalate is not False and req.constraint is None
+    does a raw `grammar` (model servers take JSON Schemas, not GBNF). A `format` goes along
+    to the cloud, and the cloud's answer is checked against it at the edge."""
+    structured_here = req.constraint is not None and req.constraint.kind == "grammar"
+    return not req.private and req.escalate is not False and not structured_here
 
 
 def request_text(req: Request) -> str:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from edgeagent.structured import Constraint, constraint_of
+from edgeagent.structured import DEFAULT_LIMITS, Constraint, Limits, constraint_of
 
 MAX_ID_LEN = 128
 MAX_MESSAGES = 256
@@ -145,15 +145,17 @@ def _check_id(obj: dict[str, Any], what: str = "id") -> str:
     return rid
 
 
-def parse(obj: Any, *, max_tokens_limit: int) -> Union[Request, Op]:
-    """Validate a decoded JSON value as a request or a control op."""
+def parse(obj: Any, *, max_tokens_limit: int,
+          limits: Limits = DEFAULT_LIMITS) -> Union[Request, Op]:  # fmt: skip
+    """Validate a decoded JSON value as a request or a control op; `limits` bound its
+    `format` and `grammar`."""
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_REQUEST, "a request must be a JSON object")
     if "op" in obj:
         return _parse_op(obj)
     rid = request_id_of(obj)
     try:
-        return _parse_request(obj, max_tokens_limit)
+        return _parse_request(obj, max_tokens_limit, limits)
     except ProtocolError as exc:
         exc.request_id = rid
         raise
@@ -179,7 +181,7 @@ def _parse_op(obj: dict[str, Any]) -> Op:
     return Op(op)
 
 
-def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
+def _parse_request(obj: dict[str, Any], max_tokens_limit: int, limits: Limits) -> Request:
     unknown = set(obj) - REQUEST_FIELDS
     if unknown:
         raise ProtocolError(BAD_REQUEST, f"unknown field(s): {_names(unknown)}")
@@ -246,14 +248,14 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int) -> Request:
     if priority is not None and (not _is_int(priority) or not -100 <= priority <= 100):
         raise ProtocolError(BAD_REQUEST, "`priority` must be an integer from -100 to 100")
     try:
-        constraint = constraint_of(obj.get("format"), obj.get("grammar"))
+        constraint = constraint_of(obj.get("format"), obj.get("grammar"), limits)
     except ValueError as exc:
         raise ProtocolError(BAD_REQUEST, str(exc)) from None
-    if constraint is not None and escalate:
-        # Until the cloud worker passes the schema on and its answer is checked at the edge.
+    if constraint is not None and constraint.kind == "grammar" and escalate:
+        # The cloud's model servers take JSON Schemas alike (response_format), not GBNF.
         raise ProtocolError(
-            BAD_REQUEST, "`escalate` cannot go with `format` or `grammar` yet: a structured "
-            "request is answered on this box",
+            BAD_REQUEST, "`escalate` cannot go with `grammar`: a grammar's answer is made on "
+            "this box (`format` with a JSON Schema can be escalated)",
         )  # fmt: skip
     return Request(
         id=rid,

@@ -14,13 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-MAX_SCHEMA_BYTES = 16_384
-MAX_SCHEMA_DEPTH = 16
-MAX_GRAMMAR_BYTES = 16_384
-# A schema's repetition bounds become nested grammar rules (llama.cpp's parser recurses on
-# them: 20,000 overflows its stack), and the grammar made from a schema is bounded too.
-MAX_REPEAT = 256
-MAX_SCHEMA_GRAMMAR_BYTES = 65_536
+# The grammar made from a schema is bounded too: this many times the schema's own limit.
+SCHEMA_GRAMMAR_FACTOR = 4
 REPEAT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength")
 # Regular expressions on property names are Python `re` at validation time, with no bound on
 # backtracking, and the grammar does not hold decoding to them: refused.
@@ -45,6 +40,21 @@ _STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
 class InvalidAnswer(ValueError):
     """A complete JSON value that its schema does not allow (a keyword the grammar could not
     hold the decoding to, such as `minimum`)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request's `format` and `grammar` may cost ([engine] format_max_bytes, ...).
+    A schema's repetition bounds become nested grammar rules, which llama.cpp's parser
+    recurses on (20,000 overflows its stack): config caps `repeat` at 1,024."""
+
+    schema_bytes: int = 16_384
+    schema_depth: int = 16
+    grammar_bytes: int = 16_384
+    repeat: int = 256
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def _check_schema_shape(schema: Any) -> None:
+def _check_schema_shape(schema: Any, max_repeat: int) -> None:
     """Refuse what costs more than its size says: remote references (jsonschema would fetch
     them, the converter cannot use them), large repetition bounds, keywords of `re` on names."""
     stack = [schema]
@@ -94,9 +104,9 @@ def _check_schema_shape(schema: Any) -> None:
             if (
                 isinstance(bound, (int, float))
                 and not isinstance(bound, bool)
-                and bound > MAX_REPEAT
+                and bound > max_repeat
             ):
-                raise ValueError(f"`format`: `{key}` above {MAX_REPEAT} is not taken")
+                raise ValueError(f"`format`: `{key}` above {max_repeat} is not taken")
         for key in REFUSED_KEYWORDS:
             if key in item:
                 raise ValueError(f"`format`: `{key}` is not taken")
@@ -107,7 +117,8 @@ def _check_schema_shape(schema: Any) -> None:
         stack.extend(item.values())
 
 
-def constraint_of(fmt: Any, grammar: Any) -> Optional[Constraint]:
+def constraint_of(fmt: Any, grammar: Any,
+                  limits: Limits = DEFAULT_LIMITS) -> Optional[Constraint]:  # fmt: skip
     """The constraint a request's `format` and `grammar` ask for (None for neither); raises
     ValueError naming the field and what is wrong with it."""
     if fmt is not None and grammar is not None:
@@ -115,8 +126,8 @@ def constraint_of(fmt: Any, grammar: Any) -> Optional[Constraint]:
     if grammar is not None:
         if not isinstance(grammar, str) or not grammar.strip():
             raise ValueError("`grammar` must be a non-empty GBNF string")
-        if len(grammar.encode()) > MAX_GRAMMAR_BYTES:
-            raise ValueError(f"`grammar` is longer than {MAX_GRAMMAR_BYTES} bytes")
+        if len(grammar.encode()) > limits.grammar_bytes:
+            raise ValueError(f"`grammar` is longer than {limits.grammar_bytes} bytes")
         if not re.search(r"(?m)^\s*root\s*::=", grammar):
             raise ValueError("`grammar` must define the rule `root`")
         return Constraint("grammar", grammar)
@@ -124,16 +135,33 @@ def constraint_of(fmt: Any, grammar: Any) -> Optional[Constraint]:
         return None
     if fmt == "json":
         return Constraint("json", ANY_OBJECT)
+    text = checked_schema(fmt, limits)
+    from llama_cpp.llama_grammar import json_schema_to_gbnf  # noqa: PLC0415
+
+    try:
+        gbnf = json_schema_to_gbnf(text)
+    except RecursionError:
+        raise ValueError("`format`: the schema refers to itself too deeply") from None
+    except Exception as exc:  # the converter asserts as well as raising ValueError
+        raise ValueError(f"`format`: this schema cannot be turned into a grammar: {exc}") from None
+    most = SCHEMA_GRAMMAR_FACTOR * limits.schema_bytes
+    if len(gbnf.encode()) > most:
+        raise ValueError(f"`format`: the schema's grammar is over {most} bytes")
+    return Constraint("schema", gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR), fmt)
+
+
+def checked_schema(fmt: Any, limits: Limits = DEFAULT_LIMITS) -> str:
+    """`fmt` as compact JSON text once it is a JSON Schema within `limits`; raises ValueError
+    naming what is wrong."""
     if not isinstance(fmt, dict):
         raise ValueError('`format` must be "json" or a JSON Schema object')
     text = json.dumps(fmt, separators=(",", ":"))
-    if len(text.encode()) > MAX_SCHEMA_BYTES:
-        raise ValueError(f"`format` is a schema of more than {MAX_SCHEMA_BYTES} bytes")
-    if _depth(fmt, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
-        raise ValueError(f"`format` is a schema nested more than {MAX_SCHEMA_DEPTH} deep")
-    _check_schema_shape(fmt)
+    if len(text.encode()) > limits.schema_bytes:
+        raise ValueError(f"`format` is a schema of more than {limits.schema_bytes} bytes")
+    if _depth(fmt, limits.schema_depth) > limits.schema_depth:
+        raise ValueError(f"`format` is a schema nested more than {limits.schema_depth} deep")
+    _check_schema_shape(fmt, limits.repeat)
     import jsonschema  # noqa: PLC0415
-    from llama_cpp.llama_grammar import json_schema_to_gbnf  # noqa: PLC0415
 
     try:
         jsonschema.validators.validator_for(fmt).check_schema(fmt)
@@ -143,15 +171,17 @@ def constraint_of(fmt: Any, grammar: Any) -> Optional[Constraint]:
         where = "/".join(str(p) for p in exc.path) or "the top"
         raise ValueError(f"`format` is not a valid JSON Schema (at {where}): "
                          f"{exc.message[:200]}") from None  # fmt: skip
-    try:
-        gbnf = json_schema_to_gbnf(text)
-    except RecursionError:
-        raise ValueError("`format`: the schema refers to itself too deeply") from None
-    except Exception as exc:  # the converter asserts as well as raising ValueError
-        raise ValueError(f"`format`: this schema cannot be turned into a grammar: {exc}") from None
-    if len(gbnf.encode()) > MAX_SCHEMA_GRAMMAR_BYTES:
-        raise ValueError(f"`format`: the schema's grammar is over {MAX_SCHEMA_GRAMMAR_BYTES} bytes")
-    return Constraint("schema", gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR), fmt)
+    return text
+
+
+def answer_check(fmt: Any) -> Constraint:
+    """What an answer to a request with this `format` is checked against, without its grammar
+    (the cloud's answer: the edge checks it, the model server held decoding to it)."""
+    if fmt == "json":
+        return Constraint("json", "")
+    if not isinstance(fmt, dict):
+        raise ValueError('`format` must be "json" or a JSON Schema object')
+    return Constraint("schema", "", fmt)
 
 
 def parse_answer(constraint: Constraint, text: str) -> Any:
@@ -161,6 +191,8 @@ def parse_answer(constraint: Constraint, text: str) -> Any:
     if constraint.kind == "grammar":
         return None
     value = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    if constraint.kind == "json" and not isinstance(value, dict):
+        raise InvalidAnswer(f"a JSON {type(value).__name__}, not an object")
     if constraint.schema is not None:
         import jsonschema  # noqa: PLC0415
         import referencing  # noqa: PLC0415

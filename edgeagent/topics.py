@@ -12,6 +12,7 @@ class Topics:
     prefix: str
     node_id: str
     shared_group: str = ""
+    schema_topics: tuple[str, ...] = ()  # [mqtt.schemas] keys: "ask/alarm", ...
 
     @property
     def ask(self) -> str:
@@ -33,6 +34,16 @@ class Topics:
         """Requests for this node that go to the cloud model (the topic-level escalation rule)."""
         return f"{self.prefix}/{self.node_id}/ask/deep"
 
+    def node_topic(self, suffix: str) -> str:
+        """`<prefix>/<node_id>/<suffix>`: where `[mqtt.schemas]` key `suffix` takes requests."""
+        return f"{self.prefix}/{self.node_id}/{suffix}"
+
+    def default_reply(self, suffix: str) -> str:
+        """Where a request on schema topic `ask/<name>` that names no reply topic is answered:
+        `<prefix>/<node_id>/answer/<name>` (a PLC gateway publishing plain text over v3.1.1
+        has no Response Topic to give)."""
+        return self.node_topic("answer/" + suffix.removeprefix("ask/"))
+
     @property
     def status(self) -> str:
         """Retained availability: online with details, or offline (also the Last Will)."""
@@ -43,7 +54,8 @@ class Topics:
         return f"{self.prefix}/{self.node_id}/metrics"
 
     def subscriptions(self, deep: bool = False) -> list[str]:
-        return [t for t in (self.ask, self.shared_ask, self.ask_deep if deep else "") if t]
+        fixed = (self.ask, self.shared_ask, self.ask_deep if deep else "")
+        return [t for t in fixed if t] + [self.node_topic(s) for s in self.schema_topics]
 
 
 @dataclass(frozen=True)

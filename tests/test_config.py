@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def test_example_config_shows_every_key() -> None:
             out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
         return out
 
-    commented = {"node_id", "model.path", "model.sha256", "cpu.sysfs_root"}
+    commented = {"node_id", "model.path", "model.sha256", "cpu.sysfs_root", "mqtt.schemas"}
     documented = {key for key, _, _ in config.describe_keys()}
     assert documented - commented == keys(raw)
     text = path.read_text()
@@ -148,6 +149,53 @@ def test_problems_name_file_key_and_reason(text: str, expected: str) -> None:
     with pytest.raises(config.ConfigError) as info:
         config.parse(text, "t.toml")
     assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_mqtt_schemas_are_read_at_start_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "schemas").mkdir()
+    alarm = {"type": "object", "properties": {"severity": {"enum": ["info", "stop_line"]}}}
+    (tmp_path / "schemas" / "alarm.json").write_text(json.dumps(alarm))
+    cfg_file = tmp_path / "edgeagent.toml"
+    cfg_file.write_text(
+        '[mqtt]\nenabled = true\n[mqtt.schemas]\n"ask/alarm" = "schemas/alarm.json"\n'
+    )
+    cfg = config.load(str(cfg_file))
+    assert [(s.topic, s.schema) for s in cfg.mqtt.schemas] == [("ask/alarm", alarm)]
+
+    def problems(table: str, enabled: bool = True) -> list[str]:
+        cfg_file.write_text(f"[mqtt]\nenabled = {str(enabled).lower()}\n[mqtt.schemas]\n{table}")
+        try:
+            config.load(str(cfg_file))
+        except config.ConfigError as exc:
+            return exc.problems
+        return []
+
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "nonschema.json").write_text('{"type": "object", "required": "severity"}')
+    (tmp_path / "huge.json").write_text(json.dumps({"enum": ["x" * 100] * 200}))
+    where = f"{cfg_file}: mqtt.schemas."
+    for table, expected in [
+        ('"ask/deep" = "x.json"\n', "'ask/deep' must be ask/<name>"),
+        ('"alarm" = "x.json"\n', "'alarm' must be ask/<name>"),
+        ('"ask/a+" = "x.json"\n', "'ask/a+' must be ask/<name>"),
+        ('"ask/alarm" = ""\n', "ask/alarm: expected the path"),
+        ('"ask/alarm" = "missing.json"\n', f'"ask/alarm": {tmp_path}/missing.json: cannot read'),
+        ('"ask/alarm" = "bad.json"\n', '"ask/alarm": ' + f"{tmp_path}/bad.json: not a JSON doc"),
+        (
+            '"ask/alarm" = "nonschema.json"\n',
+            f'"ask/alarm": {tmp_path}/nonschema.json: `format` is not a valid',
+        ),
+        (
+            '"ask/alarm" = "huge.json"\n',
+            f'"ask/alarm": {tmp_path}/huge.json: `format` is a schema of more',
+        ),
+    ]:
+        found = problems(table)
+        assert any(
+            p.startswith(where + expected) or p.startswith(f"{cfg_file}: mqtt.schemas: {expected}")
+            for p in found
+        ), (table, found)
+    assert problems('"ask/alarm" = "missing.json"\n', enabled=False) == []
 
 
 def test_http_needs_no_keys_on_loopback_and_unix_sockets() -> None:

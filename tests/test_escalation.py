@@ -62,12 +62,14 @@ def stack(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "reconnect_min_s = 1\nreconnect_max_s = 1\n"
         f'[worker]\nworker_id = "w1"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
         f'model = "{STAND_IN}"\nconcurrency = 1\ntoken_interval_ms = 0\nrequest_timeout_s = 60\n'
+        'response_format = "llama-cpp"\n'
     )
     worker = Process(
         [sys.executable, "-m", "edgeagent", "cloud-worker", "--config", str(worker_cfg)],
         work / "worker.log",
     ).start()
-    yield {"local": local, "cloud": cloud, "server": server, "worker": worker, "work": work}
+    yield {"local": local, "cloud": cloud, "server": server, "worker": worker, "work": work,
+           "server_url": f"http://127.0.0.1:{port}/v1"}  # fmt: skip
     worker.stop()
     server.stop()
     local.stop()
@@ -105,9 +107,31 @@ def wait_link(daemon: Daemon, up: bool, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
+# What line equipment wants back for an alarm (docs/mqtt.md's worked example).
+ALARM = {
+    "type": "object",
+    "properties": {
+        "severity": {"enum": ["info", "check", "stop_line"]},
+        "cause": {"type": "string", "maxLength": 80},
+        "next_check": {"type": "string", "maxLength": 80},
+    },
+    "required": ["severity", "cause", "next_check"],
+    "additionalProperties": False,
+}
+
+
+def assert_alarm(value: Any) -> None:
+    assert isinstance(value, dict) and set(value) == {"severity", "cause", "next_check"}, value
+    assert value["severity"] in ("info", "check", "stop_line"), value
+    assert all(isinstance(value[k], str) and len(value[k]) <= 80 for k in ("cause", "next_check"))
+
+
 @pytest.fixture(scope="module")
 def edge(stack: dict[str, Any], daemon_factory: Callable[..., Daemon]) -> Daemon:
-    d = daemon_factory(node_id=NODE, extra=daemon_extra(stack, "edge"))
+    (stack["work"] / "alarm.json").write_text(json.dumps(ALARM))
+    schemas = f'[mqtt.schemas]\n"ask/alarm" = "{stack["work"] / "alarm.json"}"\n'
+    # Requests without max_tokens (plain text on a schema topic) ask the cloud for up to 160.
+    d = daemon_factory(node_id=NODE, extra=daemon_extra(stack, "edge", max_tokens=160) + schemas)
     wait_link(d, True)
     return d
 
@@ -569,3 +593,89 @@ def test_full_local_queue_gives_the_queued_answer_when_the_escalation_is_stored(
     assert final["event"] == "done" and final["source"] == "queued", final
     assert final["escalation"]["status"] == "queued" and final["escalation"]["local"] == "busy"
     assert result["status"] == "queued" and result["escalation_id"] == final["escalation"]["id"]
+
+
+def test_an_escalated_schema_request_gets_the_clouds_answer_in_that_shape(
+    edge: Daemon, sniffer: Sniffer
+) -> None:
+    """The schema goes to the worker, which passes it to the model server as response_format;
+    the cloud's answer is checked at the edge and carries its value as `json`."""
+    with connect(edge.socket_path) as c:
+        events = ask(c, "cs1", "Press 4 stopped: hydraulic pressure low. Classify it.",
+                     escalate=True, format=ALARM, max_tokens=120)  # fmt: skip
+        done = assert_cloud_answer(events, "flag")
+        assert_alarm(done["json"])
+        assert json.loads(done["text"]) == done["json"]
+        result = c.op("result", id="cs1")
+    assert result["status"] == "answered" and result["json"] == done["json"], result
+    asked = [json.loads(p) for t, p in sniffer.seen() if t == "edgeagent-cloud/ask"]
+    mine = [a for a in asked if a["escalation_id"] == done["escalation"]["id"]]
+    assert len(mine) == 1 and mine[0]["format"] == ALARM
+
+
+def test_a_grammar_never_leaves_the_box(edge: Daemon) -> None:
+    with connect(edge.socket_path) as c:
+        refused = ask(c, "g1", "Is E042 serious?", grammar='root ::= "yes" | "no"', escalate=True)
+    assert refused[-1]["code"] == "bad_request" and "grammar" in refused[-1]["message"]
+
+
+def test_plain_text_on_a_schema_topic_gets_a_structured_answer(
+    stack: dict[str, Any], edge: Daemon
+) -> None:
+    """A PLC gateway over MQTT 3.1.1 (no Response Topic) publishes the alarm text as it is on
+    ask/alarm and reads one `done` with `json` on answer/alarm: locally, and from the cloud
+    when a rule escalates it (the pattern rule matches E042)."""
+    r = Requester(stack["local"].port, v5=False)
+    answers = f"edgeagent/{NODE}/answer/alarm"
+    try:
+        r.client.subscribe(answers, 1)
+        r.wait_online(f"edgeagent/{NODE}/status")
+        for text, source in (("Filler 3: low air pressure at the capper.", "local"),
+                             ("Press 4 shows E042: hydraulic pressure low.", "cloud")):  # fmt: skip
+            r.publish(f"edgeagent/{NODE}/ask/alarm", text.encode())
+            event, _ = r.next(topic=answers, timeout=120)
+            assert event["event"] == "done" and event["source"] == source, event
+            assert_alarm(event["json"])
+        r.publish(f"edgeagent/{NODE}/ask/alarm", b"\xff\xfe")
+        event, _ = r.next(topic=answers)
+        assert event["event"] == "error" and event["code"] == "bad_request", event
+    finally:
+        r.close()
+
+
+def test_a_cloud_answer_outside_the_schema_falls_back_to_the_local_one(
+    stack: dict[str, Any], daemon_factory: Callable[..., Daemon]
+) -> None:
+    """A model server that is not told the schema (response_format = "off") answers in prose:
+    the edge refuses it as `invalid` and the local model's constrained answer stands in."""
+    work: Path = stack["work"]
+    cfg = work / "loose-worker.toml"
+    cfg.write_text(
+        f'[cloud]\nenabled = true\nhost = "127.0.0.1"\nport = {stack["cloud"].port}\n'
+        'topic_prefix = "loose-cloud"\n'
+        f'[worker]\nworker_id = "w-loose"\nbase_url = "{stack["server_url"]}"\n'
+        f'model = "{STAND_IN}"\nresponse_format = "off"\ntoken_interval_ms = 0\n'
+    )
+    worker = Process(
+        [sys.executable, "-m", "edgeagent", "cloud-worker", "--config", str(cfg)],
+        work / "loose-worker.log",
+    ).start()
+    try:
+        extra = daemon_extra(stack, "loose", cloud_extra='topic_prefix = "loose-cloud"\n')
+        d = daemon_factory(node_id="esc-loose", extra=extra)
+        wait_link(d, True)
+        with connect(d.socket_path) as c:
+            events = ask(c, "inv", "Name one metal.", escalate=True, format=ALARM, max_tokens=100)
+            done = events[-1]
+            assert done["event"] == "done" and done["source"] == "local", done
+            assert done["escalation"]["status"] == "invalid", done
+            assert "shape" in done["escalation"]["message"]
+            assert_alarm(done["json"])
+            tokens = [e for e in events if e["event"] in ("token", "restart")]
+            after_restart = tokens[max((i + 1 for i, e in enumerate(tokens)
+                                        if e["event"] == "restart"), default=0):]  # fmt: skip
+            assert "".join(e["text"] for e in after_restart) == done["text"]
+            result = c.op("result", id="inv")
+            assert result["status"] == "failed" and result["error"]["code"] == "invalid", result
+    finally:
+        worker.stop()

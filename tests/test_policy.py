@@ -61,16 +61,23 @@ def test_private_and_escalate_false_forbid_every_rule() -> None:
         assert policy.after_answer(r, RULES, -50.0) is None
 
 
-def test_a_structured_request_stays_on_the_box() -> None:
-    """Until the cloud's answer keeps the shape asked for, `format` and `grammar` keep a
-    request local (an explicit `escalate: true` beside them is a bad_request)."""
-    for kind in ("json", "grammar"):
-        r = req("torque spec E042", constraint=Constraint(kind, 'root ::= "a"'))
-        assert decide(r, deep=True, tokens=10_000) is None
-        assert policy.after_answer(r, RULES, -50.0) is None
-    with pytest.raises(ProtocolError, match="`escalate` cannot go with `format`"):
-        parse({"id": "s", "prompt": "hi", "format": "json", "escalate": True},
+def test_a_raw_grammar_stays_on_the_box_and_a_format_may_leave() -> None:
+    """Model servers take JSON Schemas (response_format), not GBNF: a `grammar` keeps its
+    request local (`escalate: true` beside it is a bad_request); a `format` goes along."""
+    r = req("torque spec E042", constraint=Constraint("grammar", 'root ::= "a"'))
+    assert decide(r, deep=True, tokens=10_000) is None
+    assert policy.after_answer(r, RULES, -50.0) is None
+    with pytest.raises(ProtocolError, match="`escalate` cannot go with `grammar`"):
+        parse({"id": "s", "prompt": "hi", "grammar": 'root ::= "a"', "escalate": True},
               max_tokens_limit=64)  # fmt: skip
+    for kind in ("json", "schema"):
+        r = req("torque spec E042", constraint=Constraint(kind, 'root ::= "a"', {}))
+        assert decide(r, deep=True, tokens=10_000) == policy.Reason("topic")
+        assert policy.after_answer(r, RULES, -50.0) is not None
+    flagged = parse({"id": "s", "prompt": "hi", "format": "json", "escalate": True},
+                    max_tokens_limit=64)  # fmt: skip
+    assert isinstance(flagged, Request) and flagged.escalate
+    assert decide(flagged, deep=False, tokens=1) == policy.Reason("flag")
 
 
 def test_low_confidence_is_a_second_opinion_rule() -> None:

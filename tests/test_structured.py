@@ -1,15 +1,19 @@
-"""Structured answers end to end (WIP, issue 18): `format` and `grammar` on the socket, with the
-real model."""
+"""Structured answers with the real model: `format` and `grammar` on the socket and over HTTP,
+and the decoder's grammar-first draw itself. (Escalation with a schema, and MQTT's schema
+topics, are in test_escalation.py; the 50 factory prompts in test_structured_prompts.py.)"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import openai
 import pytest
 
+from edgeagent.decoder import BatchDecoder
 from tests.conftest import Conn, Daemon, connect
 
 ALARM = {
@@ -79,6 +83,20 @@ def test_an_answer_cut_inside_its_structure_is_incomplete(conn: Conn) -> None:
     assert final["text"].startswith("{")
 
 
+def test_a_grammar_cut_by_max_tokens_is_incomplete_unless_it_could_end_there(gconn: Conn) -> None:
+    """A raw grammar's answer has no JSON to parse: whether it may end where max_tokens cut
+    it is asked of the grammar itself."""
+    long = 'root ::= "check the air supply, then the regulator, then the capper valve"'
+    cut = ask(gconn, "gi1", grammar=long, max_tokens=3)
+    assert cut["event"] == "error" and cut["code"] == "incomplete", cut
+    assert cut["text"] and "check the air supply".startswith(cut["text"]), cut
+    whole = ask(gconn, "gi2", grammar='root ::= "yes" | "no"', max_tokens=1,
+                prompt="Is 3 larger than 2?")  # fmt: skip
+    assert whole["event"] == "done" and whole["text"] in ("yes", "no"), whole
+    stopped = ask(gconn, "gi3", grammar=long, stop=["regulator"], max_tokens=40)
+    assert stopped["code"] == "incomplete", stopped
+
+
 def test_bad_schemas_and_grammars_are_bad_requests(gconn: Conn) -> None:
     conn = gconn
     for rid, fields in [
@@ -127,8 +145,8 @@ def test_openai_response_format_over_http(daemon: Daemon) -> None:
 
 
 def test_constrained_and_free_answers_are_the_same_alone_and_batched(grammars: Daemon) -> None:
-    daemon = grammars
     """Greedy answers do not depend on what shares the step, grammars or not."""
+    daemon = grammars
     asks = [
         {"format": ALARM, "prompt": NOTE},
         {"prompt": "Name two causes of low air pressure at a capper."},
@@ -158,9 +176,9 @@ def test_constrained_and_free_answers_are_the_same_alone_and_batched(grammars: D
 
 
 def test_a_grammar_that_allows_nothing_fails_its_request_only(gconn: Conn) -> None:
-    conn = gconn
     """No token starts with NUL and the grammar cannot end yet: that request ends with an
     error, and the inference thread goes on with the next one."""
+    conn = gconn
     final = ask(conn, "n1", grammar="root ::= [\\x00]", max_tokens=4)
     assert final["event"] == "error", final
     after = ask(conn, "n2", max_tokens=4)
@@ -174,3 +192,38 @@ def test_an_incomplete_answer_is_not_kept_in_the_session(conn: Conn) -> None:
                "max_tokens": 4})  # fmt: skip
     follow = conn.until_final("c2")[-1]
     assert follow["usage"]["prompt_tokens"] < cut["usage"]["prompt_tokens"] + 20, follow
+
+
+@pytest.fixture(scope="module")
+def decoder(model_file: Path) -> Iterator[BatchDecoder]:
+    dec = BatchDecoder(model_file, n_ctx=256, n_slots=1, n_batch=64, n_threads=2)
+    yield dec
+    dec.close()
+
+
+def test_a_grammar_never_takes_a_control_token(decoder: BatchDecoder) -> None:
+    """llama.cpp's grammar reads a control token by its special text, so a JSON string takes
+    <|fim_prefix|> while the answer's text gets none of it. Made the model's first choice
+    inside a string, it is passed over for the best token the grammar allows."""
+    dec, slot = decoder, decoder.slots[0]
+    prompt = "<|im_start|>user\nName a valve.<|im_end|>\n<|im_start|>assistant\n"
+    dec.clear(slot)
+    dec.set_sampler(slot, 0.0, grammar='root ::= "\\"" [a-z <|>_]{1,40} "\\""')
+    dec.reuse(slot, dec.tokenize(prompt, special=True))
+    for _ in dec.steps([], [(slot, len(slot.pending), True)]):
+        pass
+    opening = dec.sample(slot)
+    assert dec.piece(opening).startswith(b'"')
+    closed = len(dec.piece(opening)) > 1 and dec.piece(opening).endswith(b'"')
+    assert dec.grammar_complete(slot) is closed
+    for _ in dec.steps([(slot, opening)], []):
+        pass
+    control = sorted(dec.control_tokens())
+    assert control and not any(dec.is_eog(t) for t in control)
+    logits = np.ctypeslib.as_array(
+        dec._lib.llama_get_logits_ith(dec.ctx, slot.logits_at), shape=(dec.n_vocab,)
+    )
+    logits[control[0]] = logits.max() + 100.0  # the chain's own draw is now a control token
+    token = dec.sample(slot)
+    assert token not in control and dec.piece(token), (token, dec.piece(token, special=True))
+    assert dec.grammar_stats["resampled"] >= 1

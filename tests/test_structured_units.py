@@ -3,12 +3,22 @@ that parse but are no JSON value to hand on."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import pytest
 
-from edgeagent.structured import InvalidAnswer, constraint_of, parse_answer
+from edgeagent import config
+from edgeagent.cloud_worker import EscalationError, parse_escalation, response_format
+from edgeagent.structured import (
+    Constraint,
+    InvalidAnswer,
+    Limits,
+    answer_check,
+    constraint_of,
+    parse_answer,
+)
 
 
 @pytest.mark.parametrize(
@@ -52,3 +62,65 @@ def test_a_pattern_is_taken_only_where_the_grammar_holds_to_it() -> None:
     assert constraint_of({"type": "string", "pattern": "^F[0-9]{2}$"}, None) is not None
     with pytest.raises(ValueError, match="`pattern` is taken only"):
         constraint_of({"type": ["string", "null"], "pattern": "^(a+)+$"}, None)
+
+
+def test_the_limits_come_from_config() -> None:
+    """[engine] format_max_bytes, format_max_depth, format_max_repeat, grammar_max_bytes."""
+    small = Limits(schema_bytes=64, schema_depth=3, grammar_bytes=64, repeat=8)
+    wide = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(4)}}
+    deep = {"properties": {"a": {"properties": {}}}}  # 4 deep, 36 bytes
+    long = {"type": "string", "maxLength": 9}
+    cases = [(wide, "more than 64 bytes"), (deep, "nested more than 3 deep"),
+             (long, "`maxLength` above 8")]  # fmt: skip
+    for schema, reason in cases:
+        assert constraint_of(schema, None) is not None
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            constraint_of(schema, None, small)
+    with pytest.raises(ValueError, match="longer than 64 bytes"):
+        constraint_of(None, "root ::= " + '"a" ' * 20, small)
+    cfg = config.parse("[engine]\nformat_max_bytes = 64\nformat_max_repeat = 8\n", "t.toml")
+    assert config.format_limits(cfg.engine) == Limits(64, 16, 16_384, 8)
+    with pytest.raises(config.ConfigError, match=r"engine\.format_max_repeat: 2000 is above"):
+        config.parse("[engine]\nformat_max_repeat = 2000\n", "t.toml")
+
+
+def test_a_cloud_answer_is_checked_without_a_grammar() -> None:
+    assert answer_check("json") == Constraint("json", "")
+    with pytest.raises(InvalidAnswer, match="not an object"):
+        parse_answer(answer_check("json"), "[1, 2]")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    assert parse_answer(answer_check(schema), '{"ok": true}') == {"ok": True}
+    with pytest.raises(InvalidAnswer, match="'ok' is a required property"):
+        parse_answer(answer_check(schema), "{}")
+    with pytest.raises(ValueError):
+        parse_answer(answer_check(schema), "Sure! Here is the JSON: {")
+
+
+@pytest.mark.parametrize(
+    ("style", "expected"),
+    [
+        ("openai", {"type": "json_schema", "json_schema": {
+            "name": "answer", "schema": {"type": "object"}, "strict": True}}),
+        ("tgi", {"type": "json_object", "value": {"type": "object"}}),
+        ("llama-cpp", {"type": "json_object", "schema": {"type": "object"}}),
+        ("off", None),
+    ],
+)  # fmt: skip
+def test_the_worker_passes_a_schema_as_each_model_server_takes_it(
+    style: str, expected: Any
+) -> None:
+    assert response_format({"type": "object"}, style) == expected
+    assert response_format(None, style) is None
+    any_object = response_format("json", style)
+    if style == "tgi":
+        assert any_object == {"type": "json_object", "value": {"type": "object"}}
+    elif style != "off":
+        assert any_object == {"type": "json_object"}
+
+
+def test_the_worker_refuses_a_format_that_is_no_schema() -> None:
+    base = {"escalation_id": "e1", "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_escalation(json.dumps({**base, "format": {"type": "object"}}).encode())
+    for bad in ("yaml", 5, ["json"], {"x": "y" * (1 << 20)}):
+        with pytest.raises(EscalationError, match="`format`"):
+            parse_escalation(json.dumps({**base, "format": bad}).encode())
