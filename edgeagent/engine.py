@@ -683,11 +683,10 @@ class Engine:
         end = time.monotonic()
         text = a.matcher.text
         # An answer its grammar ended is complete; one cut by max_tokens is when the grammar
-        # would let it end there. A stop string cuts the text inside the token the grammar
-        # took: a JSON answer's text is judged by parsing it, a raw grammar's cannot be.
+        # would let it end there. A stop string cuts the text inside a token the grammar took,
+        # so that text is not known to be whole (a JSON answer's may still parse).
         cut_by_stop = finish == "stop" and not eog
-        raw_grammar = req.constraint is not None and req.constraint.kind == "grammar"
-        complete = eog or (not (cut_by_stop and raw_grammar) and self._dec.grammar_complete(a.slot))
+        complete = eog or (not cut_by_stop and self._dec.grammar_complete(a.slot))
         final = a.final_event(finish, end, self.cfg.node_id, self.model_name, complete)
         answered = final["event"] == "done"  # not a structured answer cut short or invalid
         if a.conv is not None and answered:

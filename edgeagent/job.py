@@ -141,23 +141,28 @@ class Running:
                     complete: bool = True) -> Event:  # fmt: skip
         """`done`, with the answer's JSON value as `json` when the request asked for one; or
         `incomplete` when max_tokens or a stop string cut the answer inside its structure
-        (`complete`: the grammar would let it end here)."""
+        (`complete`: the answer's grammar ended it, or would let it end where max_tokens cut
+        it; a JSON answer is judged by parsing it as well)."""
         req = self.job.request
         done = self.done_event(finish, end, node_id, model)
         if req.constraint is None:
             return done
         value = None
-        if complete:
+        if complete or req.constraint.kind != "grammar":
             try:
                 value = parse_answer(req.constraint, self.matcher.text)
+                complete = True
             except RecursionError:
                 return self._failed(done, protocol.INVALID, "the answer is nested too deeply")
             except InvalidAnswer as exc:
                 return self._failed(
                     done, protocol.INVALID, f"the answer does not fit the schema {exc}"
                 )
-            except ValueError:  # not whole JSON
-                complete = False
+            except ValueError as exc:  # not whole JSON
+                if complete:  # its grammar was done: a rule let through what JSON does not
+                    return self._failed(
+                        done, protocol.INVALID, f"the answer is not valid JSON: {exc}"
+                    )
         if not complete:
             cut = "max_tokens" if finish == "length" else f"the answer's end ({finish})"
             return self._failed(

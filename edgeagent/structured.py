@@ -9,6 +9,7 @@ an unparsable one is refused there, before any token.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, Optional
 
 # The grammar made from a schema is bounded too: this many times the schema's own limit.
 SCHEMA_GRAMMAR_FACTOR = 4
+SCHEMA_CACHE = 64  # schemas kept with their grammar, by their JSON text
 REPEAT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength")
 # Regular expressions on property names are Python `re` at validation time, with no bound on
 # backtracking, and the grammar does not hold decoding to them: refused.
@@ -35,6 +37,9 @@ ws ::= | " " | "\n" [ \t]{0,20}
 # The converter's string characters take raw control characters, which JSON does not.
 _LOOSE_CHAR = 'char ::= [^"\\\\] |'
 _STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+# ... and a pattern's `.` takes a raw `"` or backslash, which ends or breaks the JSON string.
+_LOOSE_DOT = "dot ::= [^\\x0A\\x0D]"
+_STRICT_DOT = 'dot ::= [^"\\\\\\x7F\\x00-\\x1F]'
 
 
 class InvalidAnswer(ValueError):
@@ -135,7 +140,20 @@ def constraint_of(fmt: Any, grammar: Any,
         return None
     if fmt == "json":
         return Constraint("json", ANY_OBJECT)
-    text = checked_schema(fmt, limits)
+    if not isinstance(fmt, dict):
+        raise ValueError('`format` must be "json" or a JSON Schema object')
+    text = json.dumps(fmt, separators=(",", ":"))
+    if len(text.encode()) > limits.schema_bytes:
+        raise ValueError(f"`format` is a schema of more than {limits.schema_bytes} bytes")
+    return _schema_constraint(text, limits)
+
+
+@functools.lru_cache(maxsize=SCHEMA_CACHE)
+def _schema_constraint(text: str, limits: Limits) -> Constraint:
+    """The constraint of a schema, by its JSON text: checking it and turning it into GBNF
+    takes 1-2 ms of the event loop, and a line sends the same schema every time."""
+    fmt = json.loads(text)
+    _check_schema(fmt, limits)
     from llama_cpp.llama_grammar import json_schema_to_gbnf  # noqa: PLC0415
 
     try:
@@ -147,17 +165,12 @@ def constraint_of(fmt: Any, grammar: Any,
     most = SCHEMA_GRAMMAR_FACTOR * limits.schema_bytes
     if len(gbnf.encode()) > most:
         raise ValueError(f"`format`: the schema's grammar is over {most} bytes")
-    return Constraint("schema", gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR), fmt)
+    gbnf = gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR).replace(_LOOSE_DOT, _STRICT_DOT)
+    return Constraint("schema", gbnf, fmt)
 
 
-def checked_schema(fmt: Any, limits: Limits = DEFAULT_LIMITS) -> str:
-    """`fmt` as compact JSON text once it is a JSON Schema within `limits`; raises ValueError
-    naming what is wrong."""
-    if not isinstance(fmt, dict):
-        raise ValueError('`format` must be "json" or a JSON Schema object')
-    text = json.dumps(fmt, separators=(",", ":"))
-    if len(text.encode()) > limits.schema_bytes:
-        raise ValueError(f"`format` is a schema of more than {limits.schema_bytes} bytes")
+def _check_schema(fmt: dict[str, Any], limits: Limits) -> None:
+    """Raises ValueError naming what is wrong unless `fmt` is a JSON Schema within `limits`."""
     if _depth(fmt, limits.schema_depth) > limits.schema_depth:
         raise ValueError(f"`format` is a schema nested more than {limits.schema_depth} deep")
     _check_schema_shape(fmt, limits.repeat)
@@ -171,7 +184,6 @@ def checked_schema(fmt: Any, limits: Limits = DEFAULT_LIMITS) -> str:
         where = "/".join(str(p) for p in exc.path) or "the top"
         raise ValueError(f"`format` is not a valid JSON Schema (at {where}): "
                          f"{exc.message[:200]}") from None  # fmt: skip
-    return text
 
 
 def answer_check(fmt: Any) -> Constraint:

@@ -124,3 +124,13 @@ def test_the_worker_refuses_a_format_that_is_no_schema() -> None:
     for bad in ("yaml", 5, ["json"], {"x": "y" * (1 << 20)}):
         with pytest.raises(EscalationError, match="`format`"):
             parse_escalation(json.dumps({**base, "format": bad}).encode())
+
+
+def test_a_patterns_dot_cannot_end_the_json_string() -> None:
+    """The converter's `.` takes any character but a line break, a raw `"` too, which would
+    end the string early; here it takes what a JSON string holds raw."""
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^F.[0-9]$"}}}
+    constraint = constraint_of(schema, None)
+    assert constraint is not None
+    dot = [line for line in constraint.gbnf.splitlines() if line.startswith("dot ::=")]
+    assert dot == ['dot ::= [^"\\\\\\x7F\\x00-\\x1F]'], dot
