@@ -282,6 +282,8 @@ def followup_event(entry: Entry) -> dict[str, Any]:
         )
     elif entry.state == sp.FAILED:
         event["error"] = {"code": answer.get("code"), "message": answer.get("message")}
+        if "text" in answer:  # an answer refused as `invalid`
+            event["error"]["text"] = answer["text"]
     else:
         event["error"] = {
             "code": entry.state,
@@ -592,7 +594,8 @@ class Escalator:
             else:
                 why = "it is not complete JSON"
             message = f"the cloud's answer does not have the shape asked for: {why}"
-            return {"code": protocol.INVALID, "message": message}
+            # Its text is kept (within max_answer_bytes): `result` shows what the cloud said.
+            return {"code": protocol.INVALID, "message": message, "text": answer.get("text", "")}
         return {**answer, "json": value}
 
     async def _maintain(self) -> None:

@@ -677,5 +677,6 @@ def test_a_cloud_answer_outside_the_schema_falls_back_to_the_local_one(
             assert "".join(e["text"] for e in after_restart) == done["text"]
             result = c.op("result", id="inv")
             assert result["status"] == "failed" and result["error"]["code"] == "invalid", result
+            assert result["error"]["text"].strip() and not result["error"]["text"].startswith("{")
     finally:
         worker.stop()
