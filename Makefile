@@ -95,7 +95,8 @@ test: $(STAMP) model system-deps lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) model
-	$(BIN)/python scripts/bench.py; a=$$?; $(BIN)/python scripts/bench_concurrency.py; exit $$((a | $$?))
+	$(BIN)/python scripts/bench.py; a=$$?; $(BIN)/python scripts/bench_concurrency.py; b=$$?; \
+	$(BIN)/python scripts/bench_structured.py; exit $$((a | b | $$?))
 
 # llama.cpp's own server from the llama.cpp that the wheel vendors, same CPU flags, cached like
 # the wheel; prints the binary's path (alone on stdout with `make -s llama-server`).
