@@ -613,6 +613,19 @@ def test_an_escalated_schema_request_gets_the_clouds_answer_in_that_shape(
     assert len(mine) == 1 and mine[0]["format"] == ALARM
 
 
+def test_an_escalated_response_format_over_http_is_checked_at_the_edge(edge: Daemon) -> None:
+    sdk = openai.OpenAI(base_url=f"{edge.http_url}/v1", api_key="x", max_retries=0)
+    answer = sdk.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Conveyor 2 tripped on overload."}],
+        max_tokens=120, extra_body={"escalate": True},
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "alarm", "schema": ALARM, "strict": True}},
+    )  # fmt: skip
+    extra = answer.model_extra or {}
+    assert answer.model == STAND_IN and extra["source"] == "cloud", extra
+    assert_alarm(json.loads(answer.choices[0].message.content or ""))
+
+
 def test_a_grammar_never_leaves_the_box(edge: Daemon) -> None:
     with connect(edge.socket_path) as c:
         refused = ask(c, "g1", "Is E042 serious?", grammar='root ::= "yes" | "no"', escalate=True)
@@ -639,6 +652,15 @@ def test_plain_text_on_a_schema_topic_gets_a_structured_answer(
         r.publish(f"edgeagent/{NODE}/ask/alarm", b"\xff\xfe")
         event, _ = r.next(topic=answers)
         assert event["event"] == "error" and event["code"] == "bad_request", event
+        # A JSON request there gets the topic's schema as its default `format`, and keeps
+        # its own reply topic.
+        r.publish(
+            f"edgeagent/{NODE}/ask/alarm",
+            {"id": "j1", "reply_to": r.reply_topic, "prompt": "Capper torque alarm on line 2."},
+        )
+        final = r.finals({"j1"})["j1"][-1]
+        assert final["event"] == "done" and final["source"] == "local", final
+        assert_alarm(final["json"])
     finally:
         r.close()
 
