@@ -49,7 +49,7 @@ PUBLISH_TIMEOUT_S = 30.0
 # One server-sent event line: a token's delta in JSON is far below this, so a longer line is a
 # model server gone wrong, not an answer to wait for.
 MAX_SSE_LINE_BYTES = 1 << 20
-# An escalation's JSON Schema: the edge's own bound ([engine] format_max_bytes) is at most 1 MiB.
+# An escalation's JSON Schema: the edge's own bound ([engine] format_max_bytes) is at most 64 KiB.
 MAX_FORMAT_BYTES = 1 << 20
 READ_BYTES = 64 << 10
 
@@ -96,7 +96,8 @@ def parse_escalation(payload: bytes) -> dict[str, Any]:
     if "format" in obj:
         fmt = obj["format"]
         if fmt != "json" and not (
-            isinstance(fmt, dict) and len(json.dumps(fmt)) <= MAX_FORMAT_BYTES
+            isinstance(fmt, dict)
+            and len(json.dumps(fmt, separators=(",", ":"))) <= MAX_FORMAT_BYTES
         ):
             raise EscalationError(
                 f'`format` must be "json" or a JSON Schema object of at most {MAX_FORMAT_BYTES} '

@@ -97,7 +97,7 @@ class EngineConfig:
         "thread for long; `format` schemas are always taken)",
     )
     format_max_bytes: int = _f(
-        16_384, lo=64, hi=1 << 20, doc="largest JSON Schema a request's `format` may be"
+        16_384, lo=64, hi=65_536, doc="largest JSON Schema a request's `format` may be"
     )
     format_max_depth: int = _f(16, lo=2, hi=64, doc="... and how deep it may nest")
     format_max_repeat: int = _f(
@@ -464,6 +464,8 @@ def read_schema_file(path: Path, limits: Limits) -> Any:
         schema = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"not a JSON document: {exc}") from None
+    if not isinstance(schema, dict):
+        raise ValueError("not a JSON Schema object")
     constraint_of(schema, None, limits)  # the same checks as a request's `format`
     return schema
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from edgeagent import __version__, config, cpu, heap, models
+from edgeagent import __version__, checker, config, cpu, heap, models
 from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
@@ -227,6 +227,9 @@ async def serve(cfg: Config, started: float) -> int:
             await http.close()
         return EXIT_MODEL
 
+    # The process that checks structured answers against their schemas (checker.py) starts
+    # now, so the first such answer does not wait for its imports.
+    checker.shared().warm()
     dispatcher = Dispatcher(cfg, engine, loop)
     dispatcher.prometheus = metrics
     dispatcher.status_sections["cpu"] = lambda: cpu_status(engine)
@@ -383,6 +386,7 @@ async def serve(cfg: Config, started: float) -> int:
     for task in tasks:
         task.cancel()
     await loop.run_in_executor(None, engine.stop, ENGINE_JOIN_S)
+    checker.shared().close()
     log.info("stopped (%d request(s) cancelled by the shutdown)", cancelled)
     if engine.thread_alive:
         # Still inside one llama.cpp call (a long prompt) whose request has been answered:

@@ -387,7 +387,10 @@ class BatchDecoder:
         """Whether the slot's grammar would let the answer end here (no grammar: True)."""
         if slot.grammar is None:
             return True
-        return self._allows(slot, int(self._lib.llama_vocab_eos(self.vocab)))
+        end = int(self._lib.llama_vocab_eos(self.vocab))
+        if end < 0:  # a vocabulary without EOS ends with EOT
+            end = int(self._lib.llama_vocab_eot(self.vocab))
+        return end < 0 or self._allows(slot, end)
 
     def _resample(self, slot: Slot) -> int:
         """The draw again, among the tokens the slot's grammar allows: first among those with

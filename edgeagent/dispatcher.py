@@ -105,7 +105,10 @@ def escalation_id(node_id: str, sink: ReplySink, req: Request) -> str:
     if address is None:
         return os.urandom(12).hex()
     topic, correlation = address
-    key = json.dumps([node_id, topic, (correlation or b"").hex(), req.id, req.messages])
+    parts: list[Any] = [node_id, topic, (correlation or b"").hex(), req.id, req.messages]
+    if req.constraint is not None:  # the same question with another schema is another one
+        parts.append([req.constraint.kind, req.constraint.schema])
+    key = json.dumps(parts)
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -405,17 +408,18 @@ class Dispatcher:
             "messages": policy.redact_messages(messages, self.escalator.rules),
             "max_tokens": req.max_tokens or self.cfg.escalation.max_tokens,
             **({"temperature": req.temperature} if req.temperature is not None else {}),
-            **self._cloud_format(req),
+            **self._cloud_format(req, self.escalator.rules),
             "reason": reason.as_dict(),
         }
 
     @staticmethod
-    def _cloud_format(req: Request) -> dict[str, Any]:
-        """The `format` the cloud's answer must have too (a raw grammar never leaves)."""
+    def _cloud_format(req: Request, rules: policy.Rules) -> dict[str, Any]:
+        """The `format` the cloud's answer must have too (a raw grammar never leaves),
+        redacted like the messages."""
         c = req.constraint
         if c is None or c.kind == "grammar":
             return {}
-        return {"format": "json" if c.kind == "json" else c.schema}
+        return {"format": "json" if c.kind == "json" else policy.redact_value(c.schema, rules)}
 
     def _queued_done(self, entry: _Inflight) -> Event:
         return protocol.done_event(entry.request.id, "", source="queued",

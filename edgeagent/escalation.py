@@ -538,6 +538,11 @@ class Escalator:
     async def _finished(self, esc_id: str, event: dict[str, Any]) -> None:
         state = sp.ANSWERED if event["event"] == "done" else sp.FAILED
         answer = _cloud_fields(event)
+        if state == sp.FAILED:
+            # A worker's error is a cloud_error, with no text: only the edge's own check
+            # (below) says `invalid` and keeps the refused answer's text.
+            answer.pop("text", None)
+            answer["code"] = protocol.CLOUD_ERROR
         if state == sp.ANSWERED:
             answer = await self._db(self._in_shape, esc_id, answer)
             if "code" in answer:

@@ -147,11 +147,15 @@ class Running:
         done = self.done_event(finish, end, node_id, model)
         if req.constraint is None:
             return done
+        kind = req.constraint.kind
+        # Cut by max_tokens (or the context) before its grammar could end, an answer is
+        # incomplete even where its text parses (`12` of `123`); cut by a stop string, a JSON
+        # answer is judged by parsing it, a grammar's cannot be.
+        cut = not complete and (finish != "stop" or kind == "grammar")
         value = None
-        if complete or req.constraint.kind != "grammar":
+        if not cut:
             try:
                 value = parse_answer(req.constraint, self.matcher.text)
-                complete = True
             except RecursionError:
                 return self._failed(done, protocol.INVALID, "the answer is nested too deeply")
             except InvalidAnswer as exc:
@@ -163,11 +167,12 @@ class Running:
                     return self._failed(
                         done, protocol.INVALID, f"the answer is not valid JSON: {exc}"
                     )
-        if not complete:
-            cut = "max_tokens" if finish == "length" else f"the answer's end ({finish})"
+                cut = True
+        if cut:
+            what = "max_tokens" if finish == "length" else f"the answer's end ({finish})"
             return self._failed(
                 done, protocol.INCOMPLETE,
-                f"{cut} came before the answer's {req.constraint.kind} was complete",
+                f"{what} came before the answer's {kind} was complete",
             )  # fmt: skip
         if req.constraint.kind != "grammar":
             done["json"] = value

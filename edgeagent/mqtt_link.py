@@ -123,6 +123,7 @@ class MqttReplySink:
         delivery: Optional[_Delivery],
     ) -> None:
         self.link, self.topic, self.correlation, self.delivery = link, topic, correlation, delivery
+        self.question: Optional[str] = None  # a plain-text question, echoed in its final event
         self._pending: list[str] = []
         self._pending_id: Optional[str] = None
         self._flush_handle: Optional[asyncio.TimerHandle] = None
@@ -176,6 +177,8 @@ class MqttReplySink:
             return
         self._flush()
         final = event["event"] in FINAL_EVENTS
+        if final and self.question is not None:
+            event = {**event, "question": self.question}
         qos = 1 if final else self.link.cfg.mqtt.qos
         mid = self.link.publish_reply(self.topic, event, self.correlation, qos)
         if final and self.delivery is not None:
@@ -501,7 +504,7 @@ class MqttLink:
         # we may not publish to is refused on its other one when that is valid, else dropped.
         rt_problem = None
         if response_topic is not None:
-            rt_problem = reply_topic_problem(response_topic, max_topic)
+            rt_problem = reply_topic_problem(response_topic, max_topic) or self._own(response_topic)
             if rt_problem is not None:
                 rt_problem = f"the Response Topic {rt_problem}"
                 self.counters["bad_reply_topic"] += 1
@@ -552,7 +555,7 @@ class MqttLink:
             obj["format"] = schema[1]
         if isinstance(obj, dict) and "reply_to" in obj:
             reply_to = obj.pop("reply_to")
-            problem = reply_topic_problem(reply_to, max_topic)
+            problem = reply_topic_problem(reply_to, max_topic) or self._own(reply_to)
             if problem is not None:
                 if rt_problem is None:  # counted once per message
                     self.counters["bad_reply_topic"] += 1
@@ -570,15 +573,30 @@ class MqttLink:
         if isinstance(obj, dict) and "op" not in obj and "id" not in obj:
             # MQTT v5 clients correlate by Correlation Data; the protocol still wants an id.
             obj["id"] = correlation.hex()[:64] if correlation else uuid.uuid4().hex
+            if not correlation:  # a made-up id: a redelivery is known by its bytes
+                text_key = text_key or "payload:" + hashlib.sha256(payload).hexdigest()
         # Only a valid id goes into the key: any other JSON value may be unhashable. Plain text
         # has no id of its own: a redelivery is known by its bytes.
         rid = text_key or (protocol.request_id_of(obj) if isinstance(obj, dict) else None)
         if self._redelivered((reply_topic, correlation, rid), delivery, dup):
             return
         sink = MqttReplySink(self, reply_topic, correlation, delivery)
+        if text_key is not None and text_key.startswith("text:") and not correlation:
+            # A plain-text question's answer carries it: a gateway with no Correlation Data
+            # matches answers to questions by it (several may be on their way at once).
+            sink.question = obj["prompt"]
         self.dispatcher.handle_decoded(obj, sink, via_deep_topic=topic == self.topics.ask_deep)
         if isinstance(obj, dict) and "op" in obj:
             self._ack(delivery)  # control ops are answered at once
+
+    def _own(self, topic: str) -> Optional[str]:
+        """Why a reply may not go to `topic`: one of this box's own topics (its status, a
+        schema topic's answers, requests), where a client would speak as the box or as another
+        client (a PLC reading answer/alarm cannot tell whose answer it got)."""
+        own = f"{self.topics.prefix}/{self.topics.node_id}"
+        if topic in (own, self.topics.group_ask) or topic.startswith(own + "/"):
+            return f"is one of this box's own topics ({own}/...)"
+        return None
 
     def _redelivered(self, key: tuple[Any, ...], delivery: _Delivery, dup: bool) -> bool:
         """True for a message the broker delivered again (we had not acknowledged it yet):

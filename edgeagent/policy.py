@@ -98,6 +98,20 @@ def redact(text: str, rules: Rules) -> str:
     return text
 
 
+def redact_value(value: Any, rules: Rules) -> Any:
+    """A JSON value (a request's schema) with the redaction rules applied to every string in
+    it, keys aside: a schema's `enum`, `const`, `description` and `examples` go to the cloud
+    too. (A redacted `enum` the cloud then answers from fails the check at the edge, and the
+    local answer stands.)"""
+    if isinstance(value, str):
+        return redact(value, rules)
+    if isinstance(value, list):
+        return [redact_value(v, rules) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_value(v, rules) for k, v in value.items()}
+    return value
+
+
 def redact_messages(messages: list[dict[str, str]], rules: Rules) -> list[dict[str, str]]:
     """What is sent to the cloud: every message with the redaction rules applied."""
     return [{"role": m["role"], "content": redact(m["content"], rules)} for m in messages]

@@ -9,19 +9,25 @@ an unparsable one is refused there, before any token.
 
 from __future__ import annotations
 
-import functools
+import collections
+import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from edgeagent import checker
+
 # The grammar made from a schema is bounded too: this many times the schema's own limit.
 SCHEMA_GRAMMAR_FACTOR = 4
-SCHEMA_CACHE = 64  # schemas kept with their grammar, by their JSON text
+SCHEMA_CACHE = 32  # schemas kept with their grammar (_SCHEMAS)
+MAX_ANSWER_DEPTH = 64
 REPEAT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength")
 # Regular expressions on property names are Python `re` at validation time, with no bound on
 # backtracking, and the grammar does not hold decoding to them: refused.
 REFUSED_KEYWORDS = ("patternProperties", "propertyNames")
+NAME_MAPS = ("properties", "$defs", "definitions", "dependentSchemas")
 
 # Any JSON object (llama.cpp's json.gbnf, as llama-cpp-python ships it), with an exponent
 # rule that also takes e10.
@@ -91,13 +97,16 @@ def _depth(value: Any, limit: int) -> int:
 def _check_schema_shape(schema: Any, max_repeat: int) -> None:
     """Refuse what costs more than its size says: remote references (jsonschema would fetch
     them, the converter cannot use them), large repetition bounds, keywords of `re` on names."""
-    stack = [schema]
+    stack: list[tuple[Any, bool]] = [(schema, False)]  # (value, a map of names to schemas)
     while stack:
-        item = stack.pop()
+        item, names = stack.pop()
         if isinstance(item, list):
-            stack.extend(item)
+            stack.extend((v, False) for v in item)
             continue
         if not isinstance(item, dict):
+            continue
+        if names:  # `properties`, `$defs`: its keys are names (a property may be `pattern`)
+            stack.extend((v, False) for v in item.values())
             continue
         ref = item.get("$ref")
         if ref is not None and (not isinstance(ref, str) or not ref.startswith("#")):
@@ -119,7 +128,7 @@ def _check_schema_shape(schema: Any, max_repeat: int) -> None:
             # Only there does the grammar hold the string to it; elsewhere Python's re would
             # judge whatever the model wrote, with no bound on backtracking.
             raise ValueError('`format`: `pattern` is taken only beside "type": "string"')
-        stack.extend(item.values())
+        stack.extend((v, k in NAME_MAPS) for k, v in item.items())
 
 
 def constraint_of(fmt: Any, grammar: Any,
@@ -145,13 +154,27 @@ def constraint_of(fmt: Any, grammar: Any,
     text = json.dumps(fmt, separators=(",", ":"))
     if len(text.encode()) > limits.schema_bytes:
         raise ValueError(f"`format` is a schema of more than {limits.schema_bytes} bytes")
-    return _schema_constraint(text, limits)
+    key = (hashlib.sha256(text.encode()).digest(), limits)
+    with _SCHEMAS_LOCK:
+        found = _SCHEMAS.get(key)
+        if found is not None:
+            _SCHEMAS.move_to_end(key)
+            return found
+    made = _schema_constraint(text, limits)
+    with _SCHEMAS_LOCK:
+        _SCHEMAS[key] = made
+        while len(_SCHEMAS) > SCHEMA_CACHE:
+            _SCHEMAS.popitem(last=False)
+    return made
 
 
-@functools.lru_cache(maxsize=SCHEMA_CACHE)
+# Schemas with their grammar, by their JSON text's hash: checking a schema and turning it into
+# GBNF takes 1-2 ms of the event loop, and a line sends the same schema every time.
+_SCHEMAS: collections.OrderedDict[tuple[bytes, Limits], Constraint] = collections.OrderedDict()
+_SCHEMAS_LOCK = threading.Lock()
+
+
 def _schema_constraint(text: str, limits: Limits) -> Constraint:
-    """The constraint of a schema, by its JSON text: checking it and turning it into GBNF
-    takes 1-2 ms of the event loop, and a line sends the same schema every time."""
     fmt = json.loads(text)
     _check_schema(fmt, limits)
     from llama_cpp.llama_grammar import json_schema_to_gbnf  # noqa: PLC0415
@@ -203,25 +226,18 @@ def parse_answer(constraint: Constraint, text: str) -> Any:
     if constraint.kind == "grammar":
         return None
     value = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    if _depth(value, MAX_ANSWER_DEPTH) > MAX_ANSWER_DEPTH:
+        # A value nested about a thousand deep parses, and then cannot be sent on.
+        raise InvalidAnswer(f"a value nested more than {MAX_ANSWER_DEPTH} deep")
     if constraint.kind == "json" and not isinstance(value, dict):
         raise InvalidAnswer(f"a JSON {type(value).__name__}, not an object")
     if constraint.schema is not None:
-        import jsonschema  # noqa: PLC0415
-        import referencing  # noqa: PLC0415
-
-        schema = constraint.schema
         try:
-            # An empty registry: a reference is never fetched (constraint_of refuses remote
-            # ones too).
-            validator = jsonschema.validators.validator_for(schema)(
-                schema, registry=referencing.Registry()
-            )
-            error = jsonschema.exceptions.best_match(validator.iter_errors(value))
-        except Exception as exc:  # a reference that goes in circles or nowhere
-            raise InvalidAnswer(f"the schema could not be checked: {type(exc).__name__}") from None
+            error = checker.shared().errors(constraint.schema, value)
+        except checker.CheckTimeout as exc:
+            raise InvalidAnswer(f"the schema could not be checked: {exc}") from None
         if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "the top"
-            raise InvalidAnswer(f"at {where}: {error.message[:200]}")
+            raise InvalidAnswer(error)
     return value
 
 

@@ -648,6 +648,7 @@ def test_plain_text_on_a_schema_topic_gets_a_structured_answer(
             r.publish(f"edgeagent/{NODE}/ask/alarm", text.encode())
             event, _ = r.next(topic=answers, timeout=120)
             assert event["event"] == "done" and event["source"] == source, event
+            assert event["question"] == text  # how a gateway matches answers to questions
             assert_alarm(event["json"])
         r.publish(f"edgeagent/{NODE}/ask/alarm", b"\xff\xfe")
         event, _ = r.next(topic=answers)

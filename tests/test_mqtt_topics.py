@@ -341,7 +341,10 @@ def deliver(link: MqttLink, payload: dict[str, Any], response_topic: Optional[st
                   False)  # fmt: skip
 
 
-@pytest.mark.parametrize("bad", ["r/\u0001x", "a/\ud800", "$SYS/x", "a/#", "", 5, "x" * 600])
+@pytest.mark.parametrize("bad", ["r/\u0001x", "a/\ud800", "$SYS/x", "a/#", "", 5, "x" * 600,
+                                 # the box's own topics: a PLC's answers, the box's status
+                                 "edgeagent/press-3/answer/alarm", "edgeagent/press-3/status",
+                                 "edgeagent/ask"])  # fmt: skip
 def test_a_request_with_only_a_bad_reply_to_is_dropped_acknowledged_and_counted(
     loop: asyncio.AbstractEventLoop, bad: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,14 @@ def test_bad_escalation_config_names_the_key(tmp_path: Path, text: str, expected
     with pytest.raises(config.ConfigError) as exc:
         config.load(write(tmp_path, text))
     assert any(expected in p for p in exc.value.problems), exc.value.problems
+
+
+def test_a_schema_going_to_the_cloud_is_redacted_like_the_messages() -> None:
+    schema = {
+        "type": "object",
+        "description": "faults of unit SN-123456",
+        "properties": {"unit": {"enum": ["SN-123456", "SN-654321"]}, "n": {"type": "integer"}},
+    }
+    out = policy.redact_value(schema, RULES)
+    assert "123456" not in json.dumps(out) and "654321" not in json.dumps(out)
+    assert out["properties"]["n"] == {"type": "integer"} and set(out["properties"]) == {"unit", "n"}

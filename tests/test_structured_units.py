@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import pytest
 
-from edgeagent import config
+from edgeagent import checker, config
 from edgeagent.cloud_worker import EscalationError, parse_escalation, response_format
 from edgeagent.structured import (
     Constraint,
@@ -134,3 +135,44 @@ def test_a_patterns_dot_cannot_end_the_json_string() -> None:
     assert constraint is not None
     dot = [line for line in constraint.gbnf.splitlines() if line.startswith("dot ::=")]
     assert dot == ['dot ::= [^"\\\\\\x7F\\x00-\\x1F]'], dot
+
+
+def test_a_check_that_backtracks_is_cut_at_its_time_and_the_next_one_works() -> None:
+    """`^(a+)+$` against 40 a's and a "!" backtracks for hours in Python's re: the child
+    checking it is killed after its time, the answer is invalid, and the next check works."""
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^(a+)+$"}}}
+    constraint = answer_check(schema)
+    shared = checker.shared()
+    killed = shared.killed
+    started = time.monotonic()
+    with pytest.raises(InvalidAnswer, match="longer than"):
+        parse_answer(constraint, json.dumps({"code": "a" * 40 + "!"}))
+    assert time.monotonic() - started < shared.timeout_s + 5
+    assert shared.killed == killed + 1
+    assert parse_answer(constraint, '{"code": "aaa"}') == {"code": "aaa"}
+    with pytest.raises(InvalidAnswer, match="does not match"):
+        parse_answer(constraint, '{"code": "b"}')
+
+
+def test_an_answer_nested_past_what_can_be_sent_on_is_invalid() -> None:
+    deep = "[" * 200 + "]" * 200
+    with pytest.raises(InvalidAnswer, match="nested more than 64"):
+        parse_answer(answer_check("json"), '{"a": ' + deep + "}")
+
+
+def test_a_property_may_be_named_like_a_keyword() -> None:
+    schema = {"type": "object", "properties": {"pattern": {"type": "integer"},
+                                               "maxItems": {"type": "integer"}}}  # fmt: skip
+    constraint = constraint_of(schema, None, Limits(repeat=8))
+    assert constraint is not None
+    assert parse_answer(constraint, '{"pattern": 3, "maxItems": 9000}') == {
+        "pattern": 3, "maxItems": 9000}  # fmt: skip
+    with pytest.raises(ValueError, match="`pattern` is taken only"):
+        constraint_of({"type": "integer", "pattern": "^1$"}, None)
+
+
+def test_a_schema_file_must_hold_an_object(tmp_path: Any) -> None:
+    for text in ("null", '"json"', "[]"):
+        (tmp_path / "s.json").write_text(text)
+        with pytest.raises(ValueError, match="not a JSON Schema object"):
+            config.read_schema_file(tmp_path / "s.json", Limits())
