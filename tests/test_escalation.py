@@ -81,7 +81,9 @@ def daemon_extra(stack: dict[str, Any], workdir_name: str, *, cloud_port: int | 
     spool = stack["work"] / f"{workdir_name}.sqlite"
     values: dict[str, Any] = {
         "enabled": True, "keywords": ["torque spec"], "patterns": [r"\bE\d{3}\b"],
-        "min_prompt_tokens": 150, "timeout_s": 5.0, "redact": [[r"SN-\d{6}", "[serial]"]],
+        # timeout_s: the stand-in reads a 200-token prompt on one thread in 4-5 s when the
+        # suite's other daemons are busy too.
+        "min_prompt_tokens": 150, "timeout_s": 10.0, "redact": [[r"SN-\d{6}", "[serial]"]],
         "spool_path": str(spool), "max_tokens": 8,
     }  # fmt: skip
     values.update(escalation)
@@ -175,7 +177,7 @@ def test_explicit_flag_streams_the_cloud_answer(edge: Daemon, sniffer: Sniffer) 
     [
         ("What is the torque spec for an M8 bolt?", "keyword"),
         ("The press shows alarm E042. What now?", "pattern"),
-        ("Summarise this shift log: " + "Line 3 ran normally, no stops. " * 25, "prompt_tokens"),
+        ("Summarise this shift log: " + "Line 3 ran normally, no stops. " * 20, "prompt_tokens"),
     ],
 )
 def test_each_rule_escalates(edge: Daemon, prompt: str, reason: str) -> None:
