@@ -106,6 +106,8 @@ def _request(args: argparse.Namespace, text: str, session: Optional[str]) -> dic
         req["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         req["temperature"] = args.temperature
+    if getattr(args, "kb", False):
+        req["kb"] = True
     return req
 
 
@@ -131,6 +133,10 @@ def _stream_answer(client: Client, req: dict[str, Any], as_json: bool) -> int:
         elif event["event"] == "token":
             sys.stdout.write(event["text"])
             sys.stdout.flush()
+        elif event["event"] == "citations":  # the manual's words, before the answer
+            for cite in event["citations"]:
+                page = f", page {cite['page']}" if cite.get("page") else ""
+                print(f"[{cite['n']}] {cite['doc']} - {cite['section']}{page}", file=sys.stderr)
         elif event["event"] == "restart":  # what was printed is void; the answer starts again
             sys.stdout.write(f"\n[{event.get('reason', 'the answer starts again')}]\n")
         elif event["event"] == "done":
@@ -199,6 +205,66 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_kb(args: argparse.Namespace) -> int:
+    from edgeagent import kb  # noqa: PLC0415
+
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    path = Path(args.db or cfg.kb.path or kb.default_kb_path())
+    if args.action != "add" and not path.exists():
+        print(f"{path}: no knowledge base yet (edgeagent kb add FILE...)", file=sys.stderr)
+        return 1
+    base = kb.KnowledgeBase(path)
+    try:
+        if args.action == "add":
+            if not args.paths:
+                print("kb add: give one or more files", file=sys.stderr)
+                return 2
+            failed = 0
+            collection = args.collection or "default"
+            for name in args.paths:
+                try:
+                    title, n, changed = base.add(Path(name), collection,
+                                                 cfg.kb.passage_tokens)  # fmt: skip
+                except kb.KbError as exc:
+                    print(f"{name}: {exc}", file=sys.stderr)
+                    failed += 1
+                    continue
+                what = f"{n} passages" if changed else f"unchanged, {n} passages"
+                print(f"{name}: {title!r} in {collection}: {what}")
+            return 1 if failed else 0
+        if args.action == "list":
+            for d in base.documents():
+                print(f"{d['collection']:12} {d['passages']:5} passages  {d['title']}  "
+                      f"({d['path']})")  # fmt: skip
+            stats = base.stats()
+            print(f"{stats['documents']} documents, {stats['passages']} passages in {path}")
+            return 0
+        if args.action == "remove":
+            gone = sum(base.remove(name, args.collection) for name in args.paths)
+            print(f"removed {gone} document(s)")
+            return 0 if gone else 1
+        if args.action == "search":
+            query = " ".join(args.paths)
+            for i, hit in enumerate(base.search(query, args.k), start=1):
+                page = f", page {hit.page}" if hit.page else ""
+                print(f"[{i}] {hit.doc}: {hit.section}{page} (score {hit.score:.4f}, "
+                      f"matched {hit.matched:.2f})")  # fmt: skip
+                print("    " + hit.text.replace("\n", "\n    "))
+            return 0
+        problems = base.reindex(cfg.kb.passage_tokens)
+        for name, problem in problems:
+            print(f"{name}: {problem}", file=sys.stderr)
+        print(f"reindexed: {base.stats()['passages']} passages")
+        return 1 if problems else 0
+    finally:
+        base.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeagent", description=__doc__)
     p.add_argument("--version", action="version", version=f"edgeagent {__version__}")
@@ -244,11 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(ask)
     ask.add_argument("--json", action="store_true", help="print every event as a JSON line")
     ask.add_argument("--no-stream", action="store_true", help="print the answer when complete")
+    ask.add_argument("--kb", action="store_true", help="answer from the manuals, cited")
     ask.set_defaults(func=_cmd_ask)
 
     chat = sub.add_parser("chat", help="interactive multi-turn conversation")
     client_args(chat)
     chat.set_defaults(func=_cmd_chat)
+
+    kbp = sub.add_parser("kb", help="the knowledge base: add, list, remove, search, reindex")
+    kbp.add_argument("action", choices=("add", "list", "remove", "search", "reindex"))
+    kbp.add_argument("paths", nargs="*", help="files (add), documents (remove), or the query")
+    kbp.add_argument(
+        "--collection", help='add: into this collection ("default"); remove: only from it'
+    )
+    kbp.add_argument("--config", help="TOML config (for [kb] path and sizes)")
+    kbp.add_argument("--db", help="the knowledge base file (default: [kb] path)")
+    kbp.add_argument("-k", type=int, default=4, help="search: passages to show")
+    kbp.set_defaults(func=_cmd_kb)
 
     status = sub.add_parser("status", help="print the daemon's status")
     status.add_argument("--socket", default=None)

@@ -342,6 +342,37 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class KbConfig:
+    path: str = _f(
+        "", doc="the knowledge base (sqlite); default $STATE_DIRECTORY or ~/.local/state/edgeagent"
+    )
+    top_k: int = _f(4, lo=1, hi=20, doc="passages given to the model with a grounded question")
+    passage_tokens: int = _f(
+        240, lo=32, hi=2048, doc="a passage's size when a document is added (estimated tokens)"
+    )
+    min_match: float = _f(
+        0.34, lo=0.0, hi=1.0,
+        doc="share of the question's keywords the best passage must hold, else not covered",
+    )  # fmt: skip
+    not_covered: str = _f(
+        "The manuals on this station do not cover this question.",
+        doc="the answer when no passage is close enough (no guess from the model)",
+    )
+    private: tuple[str, ...] = field(
+        default=(),
+        metadata={"kind": "strings", "doc": "collections whose passages never leave the box"},
+    )
+    front_ends: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "kind": "strings",
+            "doc": 'front ends whose requests use the manuals unless they say "kb": false '
+            '("socket", "mqtt", "http")',
+        },
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _f("info", choices=("debug", "info", "warning", "error"))
 
@@ -358,6 +389,7 @@ class Config:
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    kb: KbConfig = field(default_factory=KbConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
@@ -828,6 +860,9 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(f"{src}: worker.worker_id: 1-64 of letters, digits, '_', '-', '.'")
     if not re.match(r"https?://", w.base_url):
         problems.append(f"{src}: worker.base_url: expected an http:// or https:// URL")
+    for front_end in cfg.kb.front_ends:
+        if front_end not in ("socket", "mqtt", "http"):
+            problems.append(f"{src}: kb.front_ends: {front_end!r} is not socket, mqtt or http")
     if m.enabled and m.schemas:
         cfg = dataclasses.replace(
             cfg, mqtt=dataclasses.replace(m, schemas=_read_schemas(cfg, problems))

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import psutil
 
-from edgeagent import __version__, policy, protocol
+from edgeagent import __version__, kb, policy, protocol
 from edgeagent import spool as sp
 from edgeagent.config import Config, format_limits
 from edgeagent.engine import Engine, EngineBusy, EngineStopped
@@ -82,8 +85,8 @@ class _Inflight:
     """One accepted request until its final event: answered locally, by the cloud, or both."""
 
     __slots__ = (
-        "cloud_started", "cloud_streamed", "cloud_timer", "deadline", "esc_id", "escalation",
-        "finished", "job", "request", "sink", "timer",
+        "citations", "cloud_messages", "cloud_started", "cloud_streamed", "cloud_timer",
+        "deadline", "esc_id", "escalation", "finished", "job", "request", "sink", "timer",
     )  # fmt: skip
 
     def __init__(self, request: Request, sink: ReplySink, deadline: float) -> None:
@@ -96,6 +99,10 @@ class _Inflight:
         self.cloud_timer: Optional[asyncio.TimerHandle] = None
         self.cloud_started = 0.0
         self.cloud_streamed = False  # cloud tokens went to the requester
+        self.citations: Optional[list[dict[str, Any]]] = None  # the passages it was given
+        # The messages the cloud gets, when not the request's own (a grounded question's,
+        # without the passages of private collections)
+        self.cloud_messages: Optional[tuple[dict[str, str], ...]] = None
 
 
 def escalation_id(node_id: str, sink: ReplySink, req: Request) -> str:
@@ -157,6 +164,10 @@ class Dispatcher:
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self.escalator: Optional[Escalator] = None
         self.prometheus: Optional[Metrics] = None  # /metrics, where the HTTP front end runs
+        # The knowledge base: one thread owns its read-only connection (opened on first use,
+        # so manuals added after the start are found; SQLite sees other processes' writes).
+        self._kb: Optional[kb.KnowledgeBase] = None
+        self._kb_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-kb")
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- entry points for transports (event loop only) ------------------------------------
@@ -281,19 +292,93 @@ class Dispatcher:
             )
         timeout_s = req.deadline_ms / 1000 if req.deadline_ms else self.cfg.engine.request_timeout_s
         entry = _Inflight(req, sink, time.monotonic() + timeout_s)
-        if reason is None:
-            # Answer locally; with a low-confidence rule, the answer may get a second opinion.
-            want_confidence = (
-                esc is not None and esc.rules.low_confidence and policy.may_leave_the_box(req)
-            )
-            if not self._ask_local(entry, want_confidence, registered=False):
-                return
+        collections = self._kb_collections(req, sink)
+        # Answer locally; with a low-confidence rule, the answer may get a second opinion.
+        if (
+            reason is None
+            and collections is None
+            and not self._ask_local(entry, self._want_confidence(req), registered=False)
+        ):
+            return
         self._inflight[key] = entry
         self._per_scope[sink.scope] += 1
         self.idle.clear()
         entry.timer = self.loop.call_later(timeout_s, self._stop, entry, protocol.TIMEOUT)
-        if reason is not None:
+        if collections is not None:
+            self._spawn(self._ground(entry, collections, reason))
+        elif reason is not None:
             self._spawn(self._escalate(entry, reason))
+
+    def _want_confidence(self, req: Request) -> bool:
+        esc = self.escalator
+        return esc is not None and esc.rules.low_confidence and policy.may_leave_the_box(req)
+
+    # --- the manuals ------------------------------------------------------------------------
+
+    def _kb_collections(self, req: Request, sink: ReplySink) -> Optional[tuple[str, ...]]:
+        """The collections a request's answer comes from (empty: all), None for no `kb`."""
+        wanted = req.kb if req.kb is not None else sink.front_end in self.cfg.kb.front_ends
+        if wanted is False:
+            return None
+        return () if wanted is True else tuple(wanted)
+
+    def _kb_search(self, question: str, collections: tuple[str, ...]) -> list[kb.Hit]:
+        """The passages for a question (on the kb thread, which owns the connection)."""
+        if self._kb is None:
+            path = Path(self.cfg.kb.path) if self.cfg.kb.path else kb.default_kb_path()
+            if not path.exists():
+                raise kb.KbError(f"this box has no knowledge base yet ({path}); "
+                                 "load manuals with `edgeagent kb add FILE...`")  # fmt: skip
+            self._kb = kb.KnowledgeBase(path, readonly=True)
+        return self._kb.search(question, self.cfg.kb.top_k, collections or None)
+
+    async def _ground(self, entry: _Inflight, collections: tuple[str, ...],
+                      reason: Optional[policy.Reason]) -> None:  # fmt: skip
+        """Find the passages, send them as `citations` before the first token, and ask with
+        them; when none comes close enough, answer that the manuals do not cover it."""
+        req = entry.request
+        question = req.messages[-1]["content"]
+        started = time.monotonic()
+        try:
+            hits = await self.loop.run_in_executor(
+                self._kb_thread, self._kb_search, question, collections
+            )
+        except kb.KbError as exc:
+            self._deliver(entry, protocol.error_event(req.id, protocol.BAD_REQUEST, f"`kb`: {exc}"))
+            return
+        except Exception as exc:  # a damaged file: this request's error, logged
+            log.exception("searching the knowledge base for %s failed", req.id)
+            self._deliver(entry, protocol.error_event(req.id, protocol.INTERNAL, f"kb: {exc}"))
+            return
+        if entry.finished:
+            return
+        k = self.cfg.kb
+        entry.citations = kb.citations(hits)
+        search_ms = round((time.monotonic() - started) * 1000, 1)
+        self._deliver(entry, {"event": "citations", "id": req.id, "citations": entry.citations,
+                              "search_ms": search_ms})  # fmt: skip
+        if not hits or hits[0].matched < k.min_match:
+            done = protocol.done_event(
+                req.id, k.not_covered, source="kb", node_id=self.cfg.node_id,
+                finish_reason="not_covered",
+            )  # fmt: skip
+            if req.stream:
+                self._deliver(entry, protocol.token_event(req.id, k.not_covered))
+            self._deliver(entry, done)
+            return
+        numbered = list(enumerate(hits, start=1))
+        asked = {"role": "user", "content": kb.grounded_question(numbered, question)}
+        entry.request = dataclasses.replace(req, messages=(*req.messages[:-1], asked))
+        # Passages of private collections never leave the box; the others keep their numbers.
+        shared = [(n, h) for n, h in numbered if h.collection not in k.private]
+        entry.cloud_messages = (
+            *req.messages[:-1],
+            {"role": "user", "content": kb.grounded_question(shared, question)},
+        )
+        if reason is None:
+            self._ask_local(entry, self._want_confidence(req))
+        else:
+            await self._escalate(entry, reason)
 
     def _ask_local(self, entry: _Inflight, want_confidence: bool = False,
                    registered: bool = True, spooled: bool = False) -> bool:  # fmt: skip
@@ -347,7 +432,7 @@ class Dispatcher:
                 return
             stored = await esc.record(
                 escalation_id(self.cfg.node_id, entry.sink, req), req.id, reason.as_dict(),
-                self._cloud_payload(req, entry.sink, reason), entry.sink.reply_address,
+                self._cloud_payload(entry, reason), entry.sink.reply_address,
                 entry.sink.identity,
             )  # fmt: skip
         except (sp.QuotaExceeded, SpoolError) as exc:  # the local model answers instead
@@ -386,22 +471,25 @@ class Dispatcher:
         else:
             self._ask_local(entry, spooled=True)
 
-    def _cloud_payload(self, req: Request, sink: ReplySink, reason: policy.Reason,
+    def _cloud_payload(self, entry: _Inflight, reason: policy.Reason,
                        answered: str | None = None) -> dict[str, Any]:  # fmt: skip
-        """What goes to the cloud: the conversation so far, less its private turns, redacted.
+        """What goes to the cloud: the conversation so far, less its private turns, redacted;
+        a grounded question with the passages that may leave the box.
 
         `answered`: the local answer of a request asked again as a second opinion; the
         session already holds that turn, which is the question asked, not history.
         """
         assert self.escalator is not None
+        req, sink = entry.request, entry.sink
+        asked = list(req.messages if entry.cloud_messages is None else entry.cloud_messages)
         history = self.engine.shareable_history(sink.identity, req.session)
         turn = [*req.messages, {"role": "assistant", "content": answered}]
         if answered is not None and history[-len(turn) :] == turn:
             history = history[: -len(turn)]
         system = self.cfg.model.system_prompt
-        has_system = any(m["role"] == "system" for m in [*history, *req.messages])
+        has_system = any(m["role"] == "system" for m in [*history, *asked])
         messages = [{"role": "system", "content": system}] if system and not has_system else []
-        messages += [*history, *req.messages]
+        messages += [*history, *asked]
         return {
             "node_id": self.cfg.node_id,
             "request_id": req.id,
@@ -502,7 +590,7 @@ class Dispatcher:
         try:
             stored = await esc.record(
                 escalation_id(self.cfg.node_id, entry.sink, req), req.id, reason.as_dict(),
-                self._cloud_payload(req, entry.sink, reason, event.get("text", "")),
+                self._cloud_payload(entry, reason, event.get("text", "")),
                 entry.sink.reply_address, entry.sink.identity,
             )  # fmt: skip
             esc.watch(stored.id, entry.sink)
@@ -551,6 +639,8 @@ class Dispatcher:
         entry.finished = True
         if entry.timer:
             entry.timer.cancel()
+        if event["event"] == "done" and entry.citations is not None:
+            event["citations"] = entry.citations
         if event["event"] == "done" and entry.escalation is not None:
             event["escalation"] = entry.escalation
         elif event["event"] == "done" and entry.job is not None and entry.job.want_confidence:

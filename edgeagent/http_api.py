@@ -45,7 +45,7 @@ COMPLETION_FIELDS = {
 }  # fmt: skip
 MAX_MODEL_CHARS = 256
 # edgeagent's own, as extra body fields (docs/protocol.md).
-OWN_FIELDS = {"escalate", "private", "session", "priority", "deadline_ms", "grammar"}
+OWN_FIELDS = {"escalate", "private", "session", "priority", "deadline_ms", "grammar", "kb"}
 # OpenAI parameters that change nothing at these values; any other value asks for something
 # edgeagent does not do, which must be an error rather than an answer that ignores it.
 NEUTRAL = {
@@ -288,7 +288,9 @@ def usage_of(event: Event) -> dict[str, Any]:
 def extras(event: Event) -> dict[str, Any]:
     """edgeagent's own fields of an answer, beside OpenAI's."""
     out: dict[str, Any] = {
-        k: event[k] for k in ("source", "escalation", "timings", "session") if k in event
+        k: event[k]
+        for k in ("source", "escalation", "timings", "session", "citations")
+        if k in event
     }
     if event.get("finish_reason") not in (None, "stop", "length"):
         out["edgeagent_finish_reason"] = event["finish_reason"]

@@ -47,7 +47,9 @@ ERROR_CODES = (
 REQUEST_FIELDS = {
     "id", "messages", "prompt", "session", "max_tokens", "temperature", "top_p", "seed",
     "stream", "deadline_ms", "stop", "escalate", "private", "priority", "format", "grammar",
+    "kb",
 }  # fmt: skip
+MAX_KB_COLLECTIONS = 16
 MAX_SEED = 2**32 - 2  # llama.cpp takes 2**32 - 1 as "pick a random seed"
 
 # The events a request gets: any number of `token` (and `restart`, which voids the tokens
@@ -86,6 +88,9 @@ class Request:
     private: bool = False  # never leaves the box (no escalation, whatever the rules say)
     priority: Optional[int] = None  # higher is served first; None: the transport's default
     constraint: Optional[Constraint] = None  # `format` or `grammar`: what the answer must be
+    # `kb`: answer from the manuals (True: every collection; names: those); None: the front
+    # end's default ([kb] front_ends)
+    kb: Union[bool, tuple[str, ...], None] = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,20 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int, limits: Limits) -
         constraint = constraint_of(obj.get("format"), obj.get("grammar"), limits)
     except ValueError as exc:
         raise ProtocolError(BAD_REQUEST, str(exc)) from None
+    kb = obj.get("kb")
+    if isinstance(kb, list):
+        if (
+            not kb
+            or len(kb) > MAX_KB_COLLECTIONS
+            or not all(isinstance(c, str) and 0 < len(c) <= 64 for c in kb)
+        ):
+            raise ProtocolError(
+                BAD_REQUEST,
+                f"`kb` must be true, false or a list of 1 to {MAX_KB_COLLECTIONS} collection names",
+            )
+        kb = tuple(kb)
+    elif kb is not None and not isinstance(kb, bool):
+        raise ProtocolError(BAD_REQUEST, "`kb` must be true, false or a list of collection names")
     if constraint is not None and constraint.kind == "grammar" and escalate:
         # The cloud's model servers take JSON Schemas alike (response_format), not GBNF.
         raise ProtocolError(
@@ -272,6 +291,7 @@ def _parse_request(obj: dict[str, Any], max_tokens_limit: int, limits: Limits) -
         escalate=escalate,
         private=private,
         priority=priority,
+        kb=kb,
     )
 
 

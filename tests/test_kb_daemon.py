@@ -1,0 +1,88 @@
+"""Grounded answers end to end: a real daemon and model, a knowledge base filled by the real
+`edgeagent kb` command (while the daemon runs), questions with `kb` over the socket."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests.conftest import Conn, Daemon, connect
+from tests.test_kb import MANUAL_HTML, MANUAL_MD
+
+
+@pytest.fixture(scope="module")
+def grounded(
+    daemon_factory: Callable[..., Daemon], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Daemon, Path]]:
+    work = tmp_path_factory.mktemp("kb")
+    (work / "filler.md").write_text(MANUAL_MD)
+    db = work / "kb.sqlite"
+    add(db, work / "filler.md", "line-3")
+    d = daemon_factory(node_id="kb-node", extra=f'[kb]\npath = "{db}"\nfront_ends = ["mqtt"]\n')
+    yield d, work
+
+
+def add(db: Path, doc: Path, collection: str) -> None:
+    command = [sys.executable, "-m", "edgeagent", "kb", "add", str(doc)]
+    command += ["--collection", collection, "--db", str(db)]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+
+def ask(conn: Conn, rid: str, prompt: str, **fields: Any) -> list[dict[str, Any]]:
+    conn.send({"id": rid, "prompt": prompt, "max_tokens": 48, **fields})
+    return conn.until_final(rid)
+
+
+def test_citations_come_before_the_first_token_and_with_done(
+    grounded: tuple[Daemon, Path],
+) -> None:
+    daemon, _ = grounded
+    with connect(daemon.socket_path) as c:
+        events = ask(c, "k1", "What torque for the M8 flange bolts?", kb=True)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "citations" and kinds[-1] == "done", kinds
+    cites = events[0]["citations"]
+    assert cites[0]["n"] == 1 and cites[0]["doc"] == "Filler F3 operating manual"
+    assert cites[0]["section"].endswith("Maintenance") and "25 Nm" in cites[0]["text"]
+    done = events[-1]
+    assert done["source"] == "local" and done["citations"] == cites
+    # The passages were read with the question: the prompt is longer than the question alone.
+    with connect(daemon.socket_path) as c:
+        plain = ask(c, "k2", "What torque for the M8 flange bolts?")[-1]
+    assert "citations" not in plain
+    assert done["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 40
+
+
+def test_a_question_the_manuals_do_not_cover_is_not_guessed(grounded: tuple[Daemon, Path]) -> None:
+    daemon, _ = grounded
+    with connect(daemon.socket_path) as c:
+        events = ask(c, "n1", "How do I bake sourdough bread?", kb=True)
+    done = events[-1]
+    assert done["event"] == "done" and done["source"] == "kb", done
+    assert done["finish_reason"] == "not_covered" and "do not cover" in done["text"]
+    assert "usage" not in done  # the model was not asked
+
+
+def test_a_manual_added_while_running_is_found_and_collections_filter(
+    grounded: tuple[Daemon, Path],
+) -> None:
+    daemon, work = grounded
+    (work / "press.html").write_text(MANUAL_HTML)
+    add(Path(str(work / "kb.sqlite")), work / "press.html", "line-4")
+    with connect(daemon.socket_path) as c:
+        found = ask(c, "a1", "What does alarm E042 mean on the press?", kb=True)
+        only_3 = ask(c, "a2", "What does alarm E042 mean on the press?", kb=["line-3"])
+        bad = ask(c, "a3", "x", kb="yes")
+    assert found[0]["citations"][0]["doc"] == "Press P4", found[0]
+    assert all(cite["doc"] != "Press P4" for cite in only_3[0]["citations"])
+    assert bad[-1]["code"] == "bad_request" and "`kb`" in bad[-1]["message"]
+
+
+def test_no_knowledge_base_is_a_clear_error(conn: Conn) -> None:
+    final = ask(conn, "z1", "What torque?", kb=True)[-1]
+    assert final["code"] == "bad_request" and "no knowledge base" in final["message"], final
