@@ -509,8 +509,11 @@ class KnowledgeBase:
                     (doc_id, n, p.section, p.page, p.text),
                 ).lastrowid
                 for table in TABLES:
+                    section, text = p.section, p.text
+                    if table == "words":  # CJK as overlapping pairs: its words have no spaces
+                        section, text = with_bigrams(section), with_bigrams(text)
                     self.db.execute(f"INSERT INTO {table} (rowid, section, text) "  # noqa: S608
-                                    "VALUES (?, ?, ?)", (pid, p.section, p.text))  # fmt: skip
+                                    "VALUES (?, ?, ?)", (pid, section, text))  # fmt: skip
         return doc.title or path.stem, len(parts), True
 
     def remove(self, key: str, collection: Optional[str] = None) -> int:
@@ -566,12 +569,12 @@ class KnowledgeBase:
         ).fetchone()
         return {"documents": docs, "passages": parts}
 
-    def search(self, query: str, k: int = 4,
-               collections: Optional[Iterable[str]] = None) -> list[Hit]:  # fmt: skip
-        """The `k` best passages for `query`, both indexes' BM25 rankings fused."""
+    def search(self, query: str, k: int = 4, collections: Optional[Iterable[str]] = None,
+               indexes: tuple[str, ...] = TABLES) -> list[Hit]:  # fmt: skip
+        """The `k` best passages for `query`, the BM25 rankings of `indexes` fused."""
         ranks: dict[int, float] = {}
         for table, match in zip(TABLES, (words_query(query), grams_query(query))):
-            if not match:
+            if not match or table not in indexes:
                 continue
             try:
                 rows = self.db.execute(
@@ -611,9 +614,23 @@ def query_keywords(query: str) -> list[str]:
     return list(dict.fromkeys(words + runs))
 
 
+def cjk_bigrams(run: str) -> list[str]:
+    """The overlapping character pairs of a CJK run (a single character alone): most Chinese
+    words are two characters, and text has no spaces to find them by."""
+    return [run] if len(run) < 2 else [run[i : i + 2] for i in range(len(run) - 1)]
+
+
+def with_bigrams(text: str) -> str:
+    """`text` for the words index: each CJK run replaced by its pairs, spaced."""
+    return re.sub(f"(?:{CJK.pattern})+", lambda m: " " + " ".join(cjk_bigrams(m.group())) + " ",
+                  text)  # fmt: skip
+
+
 def words_query(query: str) -> str:
-    terms = [w for w in query_keywords(query) if not CJK.search(w)]
-    return " OR ".join(f'"{t}"' for t in terms)
+    terms: list[str] = []
+    for w in query_keywords(query):
+        terms += cjk_bigrams(w) if CJK.search(w) else [w]
+    return " OR ".join(f'"{t}"' for t in dict.fromkeys(terms))
 
 
 def grams_query(query: str) -> str:
