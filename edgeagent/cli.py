@@ -205,16 +205,29 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 1
 
 
+INSTALLED_CONFIG = Path("/etc/edgeagent/edgeagent.toml")  # scripts/install.sh's layout
+INSTALLED_STATE = Path("/var/lib/edgeagent")
+
+
 def _cmd_kb(args: argparse.Namespace) -> int:
     from edgeagent import kb  # noqa: PLC0415
 
+    # Beside an installed service, its config and its state directory, where the service
+    # (StateDirectory=edgeagent) looks: `sudo -u edgeagent edgeagent kb add ...` has no
+    # $STATE_DIRECTORY of its own.
+    installed = args.config is None and INSTALLED_CONFIG.exists()
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(str(INSTALLED_CONFIG) if installed else args.config)
     except config.ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
-    path = Path(args.db or cfg.kb.path or kb.default_kb_path())
+    default = (
+        INSTALLED_STATE / "kb.sqlite"
+        if installed and not os.environ.get("STATE_DIRECTORY")
+        else kb.default_kb_path()
+    )
+    path = Path(args.db or cfg.kb.path or default)
     if args.action != "add" and not path.exists():
         print(f"{path}: no knowledge base yet (edgeagent kb add FILE...)", file=sys.stderr)
         return 1
@@ -323,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     kbp.add_argument(
         "--collection", help='add: into this collection ("default"); remove: only from it'
     )
-    kbp.add_argument("--config", help="TOML config (for [kb] path and sizes)")
+    kbp.add_argument(
+        "--config", help="TOML config for [kb] (default: /etc/edgeagent/edgeagent.toml if present)"
+    )
     kbp.add_argument("--db", help="the knowledge base file (default: [kb] path)")
     kbp.add_argument("-k", type=int, default=4, help="search: passages to show")
     kbp.set_defaults(func=_cmd_kb)

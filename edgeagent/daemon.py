@@ -386,6 +386,7 @@ async def serve(cfg: Config, started: float) -> int:
     for task in tasks:
         task.cancel()
     await loop.run_in_executor(None, engine.stop, ENGINE_JOIN_S)
+    await loop.run_in_executor(None, dispatcher.close)
     checker.shared().close()
     log.info("stopped (%d request(s) cancelled by the shutdown)", cancelled)
     if engine.thread_alive:

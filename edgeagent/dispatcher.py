@@ -86,7 +86,8 @@ class _Inflight:
 
     __slots__ = (
         "citations", "cloud_messages", "cloud_started", "cloud_streamed", "cloud_timer",
-        "deadline", "esc_id", "escalation", "finished", "job", "request", "sink", "timer",
+        "deadline", "esc_id", "escalation", "finished", "job", "original", "private_passages",
+        "request", "sink", "timer",
     )  # fmt: skip
 
     def __init__(self, request: Request, sink: ReplySink, deadline: float) -> None:
@@ -100,6 +101,10 @@ class _Inflight:
         self.cloud_started = 0.0
         self.cloud_streamed = False  # cloud tokens went to the requester
         self.citations: Optional[list[dict[str, Any]]] = None  # the passages it was given
+        # A grounded question: the messages as asked (what its session keeps), and whether a
+        # passage came from a private collection (the turn is then private in the session)
+        self.original: Optional[tuple[dict[str, str], ...]] = None
+        self.private_passages = False
         # The messages the cloud gets, when not the request's own (a grounded question's,
         # without the passages of private collections)
         self.cloud_messages: Optional[tuple[dict[str, str], ...]] = None
@@ -167,6 +172,7 @@ class Dispatcher:
         # The knowledge base: one thread owns its read-only connection (opened on first use,
         # so manuals added after the start are found; SQLite sees other processes' writes).
         self._kb: Optional[kb.KnowledgeBase] = None
+        self._kb_ident = (0, 0)  # the open file's device and inode
         self._kb_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-kb")
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -317,20 +323,43 @@ class Dispatcher:
 
     def _kb_collections(self, req: Request, sink: ReplySink) -> Optional[tuple[str, ...]]:
         """The collections a request's answer comes from (empty: all), None for no `kb`."""
+        if req.kb is None and req.constraint is not None:
+            return None  # a machine's structured question uses the manuals only when it asks
         wanted = req.kb if req.kb is not None else sink.front_end in self.cfg.kb.front_ends
         if wanted is False:
             return None
         return () if wanted is True else tuple(wanted)
 
-    def _kb_search(self, question: str, collections: tuple[str, ...]) -> list[kb.Hit]:
-        """The passages for a question (on the kb thread, which owns the connection)."""
+    def _kb_search(self, entry: _Inflight, question: str,
+                   collections: tuple[str, ...]) -> list[kb.Hit]:  # fmt: skip
+        """The passages for a question (on the kb thread, which owns the connection). The file
+        is opened again when it was replaced (removed and loaded anew)."""
+        if entry.finished:  # cancelled or past its deadline while it waited for the thread
+            return []
+        path = Path(self.cfg.kb.path) if self.cfg.kb.path else kb.default_kb_path()
+        try:
+            ident = path.stat()
+        except FileNotFoundError:
+            raise kb.KbError(f"this box has no knowledge base yet ({path}); "
+                             "load manuals with `edgeagent kb add FILE...`") from None  # fmt: skip
+        if self._kb is not None and self._kb_ident != (ident.st_dev, ident.st_ino):
+            self._kb.close()
+            self._kb = None
         if self._kb is None:
-            path = Path(self.cfg.kb.path) if self.cfg.kb.path else kb.default_kb_path()
-            if not path.exists():
-                raise kb.KbError(f"this box has no knowledge base yet ({path}); "
-                                 "load manuals with `edgeagent kb add FILE...`")  # fmt: skip
             self._kb = kb.KnowledgeBase(path, readonly=True)
+            self._kb_ident = (ident.st_dev, ident.st_ino)
         return self._kb.search(question, self.cfg.kb.top_k, collections or None)
+
+    def close(self) -> None:
+        """After the drain: the knowledge base's thread and connection."""
+
+        def close_kb() -> None:
+            if self._kb is not None:
+                self._kb.close()
+                self._kb = None
+
+        self._kb_thread.submit(close_kb)
+        self._kb_thread.shutdown(wait=True, cancel_futures=True)
 
     async def _ground(self, entry: _Inflight, collections: tuple[str, ...],
                       reason: Optional[policy.Reason]) -> None:  # fmt: skip
@@ -341,7 +370,7 @@ class Dispatcher:
         started = time.monotonic()
         try:
             hits = await self.loop.run_in_executor(
-                self._kb_thread, self._kb_search, question, collections
+                self._kb_thread, self._kb_search, entry, question, collections
             )
         except kb.KbError as exc:
             self._deliver(entry, protocol.error_event(req.id, protocol.BAD_REQUEST, f"`kb`: {exc}"))
@@ -368,9 +397,11 @@ class Dispatcher:
             return
         numbered = list(enumerate(hits, start=1))
         asked = {"role": "user", "content": kb.grounded_question(numbered, question)}
+        entry.original = req.messages
         entry.request = dataclasses.replace(req, messages=(*req.messages[:-1], asked))
         # Passages of private collections never leave the box; the others keep their numbers.
         shared = [(n, h) for n, h in numbered if h.collection not in k.private]
+        entry.private_passages = len(shared) < len(numbered)
         entry.cloud_messages = (
             *req.messages[:-1],
             {"role": "user", "content": kb.grounded_question(shared, question)},
@@ -398,6 +429,7 @@ class Dispatcher:
         job = Job(req, emit, entry.deadline, client=sink.scope, priority=priority,
                   owner=sink.identity)  # fmt: skip
         job.want_confidence = want_confidence
+        job.remember, job.private_turn = entry.original, entry.private_passages
         try:
             self.engine.submit(job)
         except (EngineBusy, EngineStopped) as exc:
@@ -483,7 +515,8 @@ class Dispatcher:
         req, sink = entry.request, entry.sink
         asked = list(req.messages if entry.cloud_messages is None else entry.cloud_messages)
         history = self.engine.shareable_history(sink.identity, req.session)
-        turn = [*req.messages, {"role": "assistant", "content": answered}]
+        own = req.messages if entry.original is None else entry.original
+        turn = [*own, {"role": "assistant", "content": answered}]
         if answered is not None and history[-len(turn) :] == turn:
             history = history[: -len(turn)]
         system = self.cfg.model.system_prompt
@@ -553,7 +586,8 @@ class Dispatcher:
             self._ask_local(entry)
             return
         text = event.get("text", "")
-        self.engine.record_turn(entry.sink.identity, req.session, req.messages, text)
+        asked = req.messages if entry.original is None else entry.original
+        self.engine.record_turn(entry.sink.identity, req.session, asked, text)
         now = time.monotonic()
         entry.escalation["status"] = "answered"
         started = entry.cloud_started or now

@@ -692,8 +692,9 @@ class Engine:
         if a.conv is not None and answered:
             # Before `done`: a client that reacts to it (follow-up, reset) sees the new turn.
             # A private turn stays marked, so that it never goes to the cloud with a later one.
-            turn = [*req.messages, {"role": "assistant", "content": text}]
-            if req.private:
+            asked = req.messages if job.remember is None else job.remember
+            turn = [*asked, {"role": "assistant", "content": text}]
+            if req.private or job.private_turn:
                 turn = [{**m, PRIVATE: "1"} for m in turn]
             self.sessions.commit(a.conv, turn)
         job.emit(final)

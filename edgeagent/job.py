@@ -31,6 +31,10 @@ class Job:
         self.received = time.monotonic()
         self.stop_reason: Optional[str] = None  # protocol.CANCELLED or protocol.TIMEOUT
         self.want_confidence = False  # add the answer's mean token log-probability to `done`
+        # A grounded question: its session keeps the question as asked, not the passages,
+        # and marks the turn private when a passage came from a private collection.
+        self.remember: Optional[tuple[dict[str, str], ...]] = None
+        self.private_turn = False
 
     def should_stop(self) -> Optional[str]:
         if self.stop_reason is None and time.monotonic() >= self.deadline:

@@ -27,6 +27,9 @@ CHUNK_TOKENS = 240  # a passage's budget (estimated tokens), what a citation sho
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al.)
 CANDIDATES = 50  # ranked per index before fusion
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
+SCRIPT_RUNS = re.compile(f"(?:{CJK.pattern})+|(?:(?!{CJK.pattern})\\w)+")
+MAX_QUERY_CHARS = 2000
+MAX_TERMS = 48
 WORD = re.compile(r"\w+")
 _STOP = (
     "a an and are as at be by can do does for from how i if in is it its of on or should that "
@@ -200,6 +203,8 @@ class _HtmlReader(html.parser.HTMLParser):
         self.pre = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, Optional[str]]]) -> None:
+        if tag == "body":  # a <head> HTML5 lets go unclosed ends here
+            self.skip = 0
         if tag == "title":
             self.in_title = True
         if tag in self.SKIP:
@@ -413,13 +418,14 @@ def _cut(text: str, budget: int, by_lines: bool) -> Iterator[str]:
             continue
         unit = whole
         n = estimate_tokens(unit)
-        while n > budget:  # one sentence longer than a passage: cut by characters
-            take = max(1, len(unit) * budget // n)
+        if n > budget:  # one sentence longer than a passage: cut by characters, in one pass
             if cur:
                 yield ("\n" if by_lines else " ").join(cur)
                 cur, size = [], 0
-            yield unit[:take]
-            unit = unit[take:]
+            take = max(1, len(unit) * budget // n)
+            pieces = [unit[i : i + take] for i in range(0, len(unit), take)]
+            yield from pieces[:-1]
+            unit = pieces[-1]
             n = estimate_tokens(unit)
         if cur and size + n > budget:
             yield ("\n" if by_lines else " ").join(cur)
@@ -458,8 +464,10 @@ def default_kb_path() -> Path:
 
 
 class KnowledgeBase:
-    """One SQLite file. Writers (`edgeagent kb add`) and the daemon's readers may be separate
-    processes: WAL mode lets a search run while a manual is being added."""
+    """One SQLite file. Writers (`edgeagent kb add`) and the daemon's reader are separate
+    processes. The file keeps SQLite's rollback journal, not WAL: a WAL file's reader must be
+    able to write beside it (its -shm), and the daemon may read a file it cannot write. A
+    search waits out a commit (`timeout`)."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
@@ -469,7 +477,7 @@ class KnowledgeBase:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(path, timeout=30, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA journal_mode=DELETE")
             self.db.executescript(SCHEMA)
         self.db.execute("PRAGMA foreign_keys=ON")
 
@@ -520,10 +528,11 @@ class KnowledgeBase:
         """Remove documents by path, file name or title; returns how many."""
         exact = str(Path(key).resolve()) if os.sep in key else key
         rows = [
-            (coll, path) for coll, path in self.db.execute(
-                "SELECT collection, path FROM docs WHERE path = ? OR title = ? OR path LIKE ?",
-                (exact, key, f"%{os.sep}{key}"),
-            ) if collection is None or coll == collection
+            (coll, path) for coll, path, title in self.db.execute(
+                "SELECT collection, path, title FROM docs"
+            )
+            if (path == exact or title == key or Path(path).name == key)
+            and (collection is None or coll == collection)
         ]  # fmt: skip
         with self.db:
             for coll, path in rows:
@@ -573,22 +582,30 @@ class KnowledgeBase:
                indexes: tuple[str, ...] = TABLES) -> list[Hit]:  # fmt: skip
         """The `k` best passages for `query`, the BM25 rankings of `indexes` fused."""
         ranks: dict[int, float] = {}
-        for table, match in zip(TABLES, (words_query(query), grams_query(query))):
-            if not match or table not in indexes:
-                continue
-            try:
+        names = sorted(set(collections)) if collections is not None else []
+        # Only the asked collections are ranked (a filter after the ranking would miss a
+        # small collection's passages behind a large one's).
+        only = f"AND d.collection IN ({', '.join('?' * len(names))})" if names else ""
+        self.db.execute("BEGIN")  # one read transaction: the rows found are the rows read
+        try:
+            for table, match in zip(TABLES, (words_query(query), grams_query(query))):
+                if not match or table not in indexes:
+                    continue
+                # Every term is quoted: an error here is the file's (locked, damaged,
+                # unreadable), and the caller reports it rather than "not covered".
                 rows = self.db.execute(
-                    f"SELECT rowid FROM {table} WHERE {table} MATCH ? "  # noqa: S608
+                    f"SELECT t.rowid FROM {table} t JOIN passages p ON p.id = t.rowid "  # noqa: S608
+                    f"JOIN docs d ON d.id = p.doc WHERE {table} MATCH ? {only} "
                     f"ORDER BY bm25({table}, 2.0, 1.0) LIMIT {CANDIDATES}",
-                    (match,),
+                    (match, *names),
                 ).fetchall()
-            except sqlite3.OperationalError:  # a query FTS5 cannot take: no hits from it
-                continue
-            for rank, (rowid,) in enumerate(rows):
-                ranks[rowid] = ranks.get(rowid, 0.0) + 1.0 / (RRF_K + rank + 1)
-        if not ranks:
-            return []
-        wanted = set(collections) if collections is not None else None
+                for rank, (rowid,) in enumerate(rows):
+                    ranks[rowid] = ranks.get(rowid, 0.0) + 1.0 / (RRF_K + rank + 1)
+            return self._hits(query, ranks, k)
+        finally:
+            self.db.rollback()
+
+    def _hits(self, query: str, ranks: dict[int, float], k: int) -> list[Hit]:
         ordered = sorted(ranks.items(), key=lambda item: -item[1])
         keywords = query_keywords(query)
         hits: list[Hit] = []
@@ -597,7 +614,7 @@ class KnowledgeBase:
                 "SELECT p.id, d.title, d.path, d.collection, p.section, p.page, p.text "
                 "FROM passages p JOIN docs d ON p.doc = d.id WHERE p.id = ?", (rowid,)
             ).fetchone()  # fmt: skip
-            if row is None or (wanted is not None and row[3] not in wanted):
+            if row is None:
                 continue
             pid, title, path, coll, section, page, text = row
             hits.append(Hit(pid, title, path, coll, section, page, text, score,
@@ -608,10 +625,17 @@ class KnowledgeBase:
 
 
 def query_keywords(query: str) -> list[str]:
-    """The question's words that carry meaning (lower case, no stop words), and its CJK runs."""
-    words = [w for w in WORD.findall(query.lower()) if w not in STOPWORDS and not CJK.search(w)]
-    runs = re.findall(f"(?:{CJK.pattern})+", query)
-    return list(dict.fromkeys(words + runs))
+    """The question's words that carry meaning (lower case, no stop words, two characters or
+    more) and its CJK runs, split where the script changes (`F17报警`); at most MAX_TERMS of
+    them from the first MAX_QUERY_CHARS characters (a long question costs no more)."""
+    text = query[:MAX_QUERY_CHARS].lower()
+    out: list[str] = []
+    for word in WORD.findall(text):
+        for part in SCRIPT_RUNS.findall(word):
+            cjk = bool(CJK.match(part))
+            if cjk or (len(part) > 1 and part not in STOPWORDS):
+                out.append(part)
+    return list(dict.fromkeys(out))[:MAX_TERMS]
 
 
 def cjk_bigrams(run: str) -> list[str]:
@@ -657,8 +681,9 @@ def matched(keywords: list[str], section: str, text: str) -> float:
         if CJK.search(kw) and len(kw) > 2:
             grams = [kw[i : i + 2] for i in range(len(kw) - 1)]
             found += sum(g in hay for g in grams) / len(grams)
-        else:
-            found += kw in hay or (len(kw) > 4 and kw[:-1] in hay)
+        else:  # a whole word, or the word with a short ending (bolt, bolts; torque, torques)
+            found += bool(re.search(rf"\b{re.escape(kw[:-1] if len(kw) > 4 else kw)}\w{{0,3}}\b",
+                                    hay))  # fmt: skip
     return found / len(keywords)
 
 

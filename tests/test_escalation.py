@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -109,6 +110,21 @@ def wait_link(daemon: Daemon, up: bool, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
+PRESS_MANUAL = """# Press P4 manual
+
+## Hydraulic oil
+
+The hydraulic oil of press P4 must stay below 70 C; above it alarm E042 stops the press.
+"""
+# A private collection's passage, marked so that it can be looked for on the cloud broker.
+SECRET_MANUAL = """# Press P4 recipe sheet
+
+## Hydraulic oil settings
+
+For recipe ZX-SECRET-7731 the press P4 hydraulic oil is held at 58 C.
+"""
+
+
 # What line equipment wants back for an alarm (docs/mqtt.md's worked example).
 ALARM = {
     "type": "object",
@@ -130,10 +146,20 @@ def assert_alarm(value: Any) -> None:
 
 @pytest.fixture(scope="module")
 def edge(stack: dict[str, Any], daemon_factory: Callable[..., Daemon]) -> Daemon:
-    (stack["work"] / "alarm.json").write_text(json.dumps(ALARM))
-    schemas = f'[mqtt.schemas]\n"ask/alarm" = "{stack["work"] / "alarm.json"}"\n'
+    work: Path = stack["work"]
+    (work / "alarm.json").write_text(json.dumps(ALARM))
+    schemas = f'[mqtt.schemas]\n"ask/alarm" = "{work / "alarm.json"}"\n'
+    # The line's manuals: one shared, one in a private collection.
+    (work / "press.md").write_text(PRESS_MANUAL)
+    (work / "recipes.md").write_text(SECRET_MANUAL)
+    for doc, collection in (("press.md", "line-4"), ("recipes.md", "secret")):
+        subprocess.run([sys.executable, "-m", "edgeagent", "kb", "add", str(work / doc),
+                        "--collection", collection, "--db", str(work / "kb.sqlite")],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+    manuals = f'[kb]\npath = "{work / "kb.sqlite"}"\nprivate = ["secret"]\n'
     # Requests without max_tokens (plain text on a schema topic) ask the cloud for up to 160.
-    d = daemon_factory(node_id=NODE, extra=daemon_extra(stack, "edge", max_tokens=160) + schemas)
+    extra = daemon_extra(stack, "edge", max_tokens=160) + schemas + manuals
+    d = daemon_factory(node_id=NODE, extra=extra)
     wait_link(d, True)
     return d
 
@@ -705,3 +731,27 @@ def test_a_cloud_answer_outside_the_schema_falls_back_to_the_local_one(
             assert result["error"]["text"].strip() and not result["error"]["text"].startswith("{")
     finally:
         worker.stop()
+
+
+def test_private_passages_never_reach_the_cloud(edge: Daemon, sniffer: Sniffer) -> None:
+    """A grounded question escalated, and a grounded question answered here whose session's
+    next question is escalated: the passage of the private collection never reaches the
+    cloud broker, neither with the question nor in the session's history (the session keeps
+    the question as asked, and a turn that read a private passage is private); the shared
+    passage goes with its number."""
+    question = "What temperature for the press P4 hydraulic oil?"
+    with connect(edge.socket_path) as c:
+        first = ask(c, "kb1", question, kb=True, escalate=True, max_tokens=16)
+        cites = first[0]["citations"]
+        assert first[0]["event"] == "citations" and first[-1]["event"] == "done", first
+        assert {c["doc"] for c in cites} == {"Press P4 manual", "Press P4 recipe sheet"}
+        local = ask(c, "kb2", question, kb=True, session="kb-s", max_tokens=16)
+        assert local[-1]["source"] == "local", local[-1]
+        follow = ask(c, "kb3", "And what happens above that?", escalate=True, session="kb-s")
+        assert follow[-1]["event"] == "done", follow
+    seen = [p for t, p in sniffer.seen() if t == "edgeagent-cloud/ask"]
+    mine = [json.loads(p) for p in seen if b"hydraulic oil" in p or b"above that" in p]
+    assert len(mine) == 2, seen
+    assert all(b"ZX-SECRET-7731" not in p and b"58 C" not in p for p in seen)
+    shared = next(c["n"] for c in cites if c["doc"] == "Press P4 manual")
+    assert f"[{shared}] Press P4 manual" in json.dumps(mine[0]["messages"])
