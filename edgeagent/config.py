@@ -860,12 +860,6 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(f"{src}: worker.worker_id: 1-64 of letters, digits, '_', '-', '.'")
     if not re.match(r"https?://", w.base_url):
         problems.append(f"{src}: worker.base_url: expected an http:// or https:// URL")
-    room = cfg.model.n_ctx - cfg.model.max_tokens
-    if cfg.kb.top_k * cfg.kb.passage_tokens > room:
-        problems.append(
-            f"{src}: kb.top_k: {cfg.kb.top_k} passages of {cfg.kb.passage_tokens} tokens do not "
-            f"fit beside an answer of model.max_tokens in model.n_ctx ({room} tokens left)"
-        )
     for front_end in cfg.kb.front_ends:
         if front_end not in ("socket", "mqtt", "http"):
             problems.append(f"{src}: kb.front_ends: {front_end!r} is not socket, mqtt or http")

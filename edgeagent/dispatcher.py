@@ -395,7 +395,15 @@ class Dispatcher:
                 self._deliver(entry, protocol.token_event(req.id, k.not_covered))
             self._deliver(entry, done)
             return
-        numbered = list(enumerate(hits, start=1))
+        # As many of the passages, best first, as fit in half the context the answer leaves.
+        room = (self.cfg.model.n_ctx - (req.max_tokens or self.cfg.model.max_tokens)) // 2
+        used, fitting = 0, list[kb.Hit]()
+        for hit in hits:
+            used += kb.estimate_tokens(hit.text) + 16
+            if fitting and used > room:
+                break
+            fitting.append(hit)
+        numbered = list(enumerate(fitting, start=1))
         asked = {"role": "user", "content": kb.grounded_question(numbered, question)}
         entry.original = req.messages
         entry.request = dataclasses.replace(req, messages=(*req.messages[:-1], asked))

@@ -4,21 +4,29 @@ questions, whether the right section (recall by section) and a passage holding t
 fact (recall by fact) come first, or among the first three, with the words index, the
 trigram index, and both fused (what the daemon uses). No model: this is the search alone.
 
-    .venv/bin/python scripts/bench_kb.py
+    .venv/bin/python scripts/bench_kb.py            # the search alone, no model
+    .venv/bin/python scripts/bench_kb.py --daemon   # and a daemon with the model
 
-The figures go into docs/knowledge-base.md by hand, with this command, the commit and the
-machine. The daemon's side (time to `citations`, TTFT with and without `kb`, answers holding
-the fact) comes next.
+With --daemon: the manuals copied into collections until some 10,000 passages are indexed,
+then, through a real daemon over its socket, for `--per-manual` questions of each manual,
+asked with `kb` and without: the time from sending the request to its `citations` event,
+TTFT and total time, and whether the answer holds the expected fact. Then one question asked
+twice: the prompt tokens evaluated the second time (the passages' cells kept). The figures go
+into docs/knowledge-base.md by hand, with the command, the commit and the machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,7 +38,7 @@ MANUALS = ["systemd.exec", "systemd.service", "mosquitto.conf", "systemctl.zh"]
 WAYS = {"words": ("words",), "trigram": ("grams",), "both (fused)": kb.TABLES}
 
 
-def main() -> int:
+def search_only() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = kb.KnowledgeBase(Path(tmp) / "kb.sqlite")
         for name in MANUALS:
@@ -66,6 +74,129 @@ def main() -> int:
         base.close()
     print(f"\nlowest fact@3 with both indexes: {worst:.2f} (target 0.90)")
     return 0 if worst >= 0.9 else 1
+
+
+def ask(sock: socket.socket, reader: Any, req: dict[str, Any]) -> dict[str, Any]:
+    """One request over the socket: its timings as the client sees them, and its answer."""
+    t0 = time.perf_counter()
+    sock.sendall(json.dumps(req).encode() + b"\n")
+    out: dict[str, Any] = {"citations_ms": None, "ttft_ms": None}
+    while True:
+        event = json.loads(reader.readline())
+        now = (time.perf_counter() - t0) * 1000
+        if event["event"] == "citations":
+            out["citations_ms"] = now
+        elif event["event"] == "token" and out["ttft_ms"] is None:
+            out["ttft_ms"] = now
+        elif event["event"] in ("done", "error"):
+            out["total_ms"], out["final"] = now, event
+            return out
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def with_daemon(per_manual: int, target: int) -> int:
+    from edgeagent import models
+
+    model_file = models.fetch(models.load_manifest().get(models.load_manifest().default))
+    with tempfile.TemporaryDirectory(prefix="edgeagent-bench-kb-") as tmp:
+        work = Path(tmp)
+        base = kb.KnowledgeBase(work / "kb.sqlite")
+        copies = 0
+        t0 = time.perf_counter()
+        while base.stats()["passages"] < target:
+            for name in MANUALS:  # the same manual under another path: indexed again
+                copy = work / f"copy{copies}" / f"{name}.html"
+                copy.parent.mkdir(exist_ok=True)
+                copy.write_bytes((DATA / f"{name}.html").read_bytes())
+                base.add(copy, "manuals" if copies == 0 else f"copy-{copies}")
+            copies += 1
+        passages = base.stats()["passages"]
+        print(f"{passages} passages in {copies} copies of the manuals, indexed in "
+              f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+        base.close()
+        sock_path = work / "bench.sock"
+        cfg = work / "bench.toml"
+        cfg.write_text(
+            f'node_id = "bench-kb"\n[model]\npath = "{model_file}"\nn_ctx = 4096\n'
+            f'max_tokens = 1024\ntemperature = 0.0\n[socket]\npath = "{sock_path}"\n'
+            f'[http]\nenabled = false\n[kb]\npath = "{work / "kb.sqlite"}"\n'
+            '[log]\nlevel = "warning"\n'
+        )
+        proc = subprocess.Popen([sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)])
+        try:
+            while not sock_path.exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited with {proc.returncode}")
+                time.sleep(0.1)
+            time.sleep(0.5)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(sock_path))
+            reader = sock.makefile("rb")
+            ask(sock, reader, {"id": "warm", "prompt": "Hello", "max_tokens": 2})
+            rows: dict[str, dict[str, list[float]]] = {
+                way: {"citations": [], "ttft": [], "total": [], "fact": []}
+                for way in ("with kb", "without")
+            }  # fmt: skip
+            n = 0
+            for name in MANUALS:
+                questions = json.loads((DATA / f"{name}.questions.json").read_text())
+                for q in questions[:per_manual]:
+                    for way in ("with kb", "without"):
+                        n += 1
+                        req = {"id": f"q{n}", "prompt": q["q"], "max_tokens": 96}
+                        if way == "with kb":
+                            req["kb"] = ["manuals"]
+                        got = ask(sock, reader, req)
+                        final = got["final"]
+                        r = rows[way]
+                        if got["citations_ms"] is not None:
+                            r["citations"].append(got["citations_ms"])
+                        if got["ttft_ms"] is not None:
+                            r["ttft"].append(got["ttft_ms"])
+                        r["total"].append(got["total_ms"])
+                        r["fact"].append(float(q["fact"].lower() in final.get("text", "").lower()))
+            # The same question again: the passages' cells are kept.
+            q0 = json.loads((DATA / f"{MANUALS[0]}.questions.json").read_text())[0]["q"]
+            again = []
+            for i in range(2):
+                got = ask(sock, reader, {"id": f"again{i}", "prompt": q0, "kb": ["manuals"],
+                                         "max_tokens": 8})  # fmt: skip
+                usage = got["final"].get("usage", {})
+                again.append((usage.get("prompt_tokens"), usage.get("evaluated_tokens")))
+            sock.close()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(f"\n{n // 2} questions ({per_manual} of each manual), each with and without `kb`, "
+          f"greedy, max_tokens 96, {passages} passages indexed:\n")  # fmt: skip
+    print("| asked | citations p50 / p95 (ms) | TTFT p50 (ms) | total p50 (ms) | "
+          "answers holding the fact |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for way, r in rows.items():
+        cites = (f"{p(r['citations'], 0.5):.1f} / {p(r['citations'], 0.95):.1f}"
+                 if r["citations"] else "-")  # fmt: skip
+        share = sum(r["fact"]) / len(r["fact"])
+        print(f"| {way} | {cites} | {statistics.median(r['ttft']):.0f} | "
+              f"{statistics.median(r['total']):.0f} | {share:.2f} |")  # fmt: skip
+    print(f"\nThe same grounded question twice: prompt tokens / evaluated: "
+          f"{again[0][0]} / {again[0][1]}, then {again[1][0]} / {again[1][1]}")  # fmt: skip
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--daemon", action="store_true", help="also measure through a daemon")
+    ap.add_argument("--per-manual", type=int, default=10, help="--daemon: questions per manual")
+    ap.add_argument("--passages", type=int, default=10_000, help="--daemon: passages indexed")
+    args = ap.parse_args()
+    rc = search_only()
+    if args.daemon:
+        rc |= with_daemon(args.per_manual, args.passages)
+    return rc
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the real `edgeagent cloud-worker` process and real daemons."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import signal
@@ -97,6 +98,31 @@ def daemon_extra(stack: dict[str, Any], workdir_name: str, *, cloud_port: int | 
         + "[escalation]\n"
         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
     )
+
+
+@contextlib.contextmanager
+def worker_and_edge(stack: dict[str, Any], daemon_factory: Callable[..., Daemon], name: str,
+                    worker: str) -> Iterator[Daemon]:  # fmt: skip
+    """A cloud worker of its own (`worker`: its [worker] keys) on the cloud topic prefix
+    `<name>-cloud`, and an edge daemon linked to it, for a test that needs a model server
+    that fails or misbehaves."""
+    work: Path = stack["work"]
+    cfg = work / f"{name}-worker.toml"
+    cfg.write_text(
+        f'[cloud]\nenabled = true\nhost = "127.0.0.1"\nport = {stack["cloud"].port}\n'
+        f'topic_prefix = "{name}-cloud"\n[worker]\nworker_id = "w-{name}"\n{worker}'
+    )
+    process = Process(
+        [sys.executable, "-m", "edgeagent", "cloud-worker", "--config", str(cfg)],
+        work / f"{name}-worker.log",
+    ).start()
+    try:
+        extra = daemon_extra(stack, name, cloud_extra=f'topic_prefix = "{name}-cloud"\n')
+        d = daemon_factory(node_id=f"esc-{name}", extra=extra)
+        wait_link(d, True)
+        yield d
+    finally:
+        process.stop()
 
 
 def wait_link(daemon: Daemon, up: bool, timeout: float = 30) -> None:
@@ -434,29 +460,13 @@ def test_model_server_error_falls_back_to_the_local_answer(
     stack: dict[str, Any], daemon_factory: Callable[..., Daemon]
 ) -> None:
     """A worker whose model server is down answers `cloud_error`; the edge answers locally."""
-    work: Path = stack["work"]
-    cfg = work / "broken-worker.toml"
-    cfg.write_text(
-        f'[cloud]\nenabled = true\nhost = "127.0.0.1"\nport = {stack["cloud"].port}\n'
-        'topic_prefix = "broken-cloud"\n'
-        f'[worker]\nworker_id = "w-broken"\nbase_url = "http://127.0.0.1:{free_port()}/v1"\n'
-    )
-    worker = Process(
-        [sys.executable, "-m", "edgeagent", "cloud-worker", "--config", str(cfg)],
-        work / "broken-worker.log",
-    ).start()
-    try:
-        extra = daemon_extra(stack, "broken", cloud_extra='topic_prefix = "broken-cloud"\n')
-        d = daemon_factory(node_id="esc-broken", extra=extra)
-        wait_link(d, True)
-        with connect(d.socket_path) as c:
-            done = ask(c, "err", "Name a metal.", escalate=True)[-1]
-            assert done["event"] == "done" and done["source"] == "local", done
-            assert done["escalation"]["status"] == "cloud_error"
-            assert "model server failed" in done["escalation"]["message"]
-            assert c.op("result", id="err")["status"] == "failed"
-    finally:
-        worker.stop()
+    broken = f'base_url = "http://127.0.0.1:{free_port()}/v1"\n'
+    with worker_and_edge(stack, daemon_factory, "broken", broken) as d, connect(d.socket_path) as c:
+        done = ask(c, "err", "Name a metal.", escalate=True)[-1]
+        assert done["event"] == "done" and done["source"] == "local", done
+        assert done["escalation"]["status"] == "cloud_error"
+        assert "model server failed" in done["escalation"]["message"]
+        assert c.op("result", id="err")["status"] == "failed"
 
 
 def test_unsure_local_answer_gets_a_cloud_second_opinion(
@@ -699,38 +709,22 @@ def test_a_cloud_answer_outside_the_schema_falls_back_to_the_local_one(
 ) -> None:
     """A model server that is not told the schema (response_format = "off") answers in prose:
     the edge refuses it as `invalid` and the local model's constrained answer stands in."""
-    work: Path = stack["work"]
-    cfg = work / "loose-worker.toml"
-    cfg.write_text(
-        f'[cloud]\nenabled = true\nhost = "127.0.0.1"\nport = {stack["cloud"].port}\n'
-        'topic_prefix = "loose-cloud"\n'
-        f'[worker]\nworker_id = "w-loose"\nbase_url = "{stack["server_url"]}"\n'
-        f'model = "{STAND_IN}"\nresponse_format = "off"\ntoken_interval_ms = 0\n'
-    )
-    worker = Process(
-        [sys.executable, "-m", "edgeagent", "cloud-worker", "--config", str(cfg)],
-        work / "loose-worker.log",
-    ).start()
-    try:
-        extra = daemon_extra(stack, "loose", cloud_extra='topic_prefix = "loose-cloud"\n')
-        d = daemon_factory(node_id="esc-loose", extra=extra)
-        wait_link(d, True)
-        with connect(d.socket_path) as c:
-            events = ask(c, "inv", "Name one metal.", escalate=True, format=ALARM, max_tokens=100)
-            done = events[-1]
-            assert done["event"] == "done" and done["source"] == "local", done
-            assert done["escalation"]["status"] == "invalid", done
-            assert "shape" in done["escalation"]["message"]
-            assert_alarm(done["json"])
-            tokens = [e for e in events if e["event"] in ("token", "restart")]
-            after_restart = tokens[max((i + 1 for i, e in enumerate(tokens)
-                                        if e["event"] == "restart"), default=0):]  # fmt: skip
-            assert "".join(e["text"] for e in after_restart) == done["text"]
-            result = c.op("result", id="inv")
-            assert result["status"] == "failed" and result["error"]["code"] == "invalid", result
-            assert result["error"]["text"].strip() and not result["error"]["text"].startswith("{")
-    finally:
-        worker.stop()
+    loose = (f'base_url = "{stack["server_url"]}"\nmodel = "{STAND_IN}"\n'
+             'response_format = "off"\ntoken_interval_ms = 0\n')  # fmt: skip
+    with worker_and_edge(stack, daemon_factory, "loose", loose) as d, connect(d.socket_path) as c:
+        events = ask(c, "inv", "Name one metal.", escalate=True, format=ALARM, max_tokens=100)
+        done = events[-1]
+        assert done["event"] == "done" and done["source"] == "local", done
+        assert done["escalation"]["status"] == "invalid", done
+        assert "shape" in done["escalation"]["message"]
+        assert_alarm(done["json"])
+        tokens = [e for e in events if e["event"] in ("token", "restart")]
+        after_restart = tokens[max((i + 1 for i, e in enumerate(tokens)
+                                    if e["event"] == "restart"), default=0):]  # fmt: skip
+        assert "".join(e["text"] for e in after_restart) == done["text"]
+        result = c.op("result", id="inv")
+        assert result["status"] == "failed" and result["error"]["code"] == "invalid", result
+        assert result["error"]["text"].strip() and not result["error"]["text"].startswith("{")
 
 
 def test_private_passages_never_reach_the_cloud(edge: Daemon, sniffer: Sniffer) -> None:
