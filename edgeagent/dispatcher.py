@@ -169,10 +169,8 @@ class Dispatcher:
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self.escalator: Optional[Escalator] = None
         self.prometheus: Optional[Metrics] = None  # /metrics, where the HTTP front end runs
-        # The knowledge base: one thread owns its read-only connection (opened on first use,
-        # so manuals added after the start are found; SQLite sees other processes' writes).
-        self._kb: Optional[kb.KnowledgeBase] = None
-        self._kb_ident = (0, 0)  # the open file's device and inode
+        # The knowledge base: one thread owns its read-only connection.
+        self._kb = kb.Reader(Path(cfg.kb.path) if cfg.kb.path else kb.default_kb_path())
         self._kb_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-kb")
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -332,33 +330,14 @@ class Dispatcher:
 
     def _kb_search(self, entry: _Inflight, question: str,
                    collections: tuple[str, ...]) -> list[kb.Hit]:  # fmt: skip
-        """The passages for a question (on the kb thread, which owns the connection). The file
-        is opened again when it was replaced (removed and loaded anew)."""
+        """The passages for a question (on the kb thread, which owns the connection)."""
         if entry.finished:  # cancelled or past its deadline while it waited for the thread
             return []
-        path = Path(self.cfg.kb.path) if self.cfg.kb.path else kb.default_kb_path()
-        try:
-            ident = path.stat()
-        except FileNotFoundError:
-            raise kb.KbError(f"this box has no knowledge base yet ({path}); "
-                             "load manuals with `edgeagent kb add FILE...`") from None  # fmt: skip
-        if self._kb is not None and self._kb_ident != (ident.st_dev, ident.st_ino):
-            self._kb.close()
-            self._kb = None
-        if self._kb is None:
-            self._kb = kb.KnowledgeBase(path, readonly=True)
-            self._kb_ident = (ident.st_dev, ident.st_ino)
         return self._kb.search(question, self.cfg.kb.top_k, collections or None)
 
     def close(self) -> None:
         """After the drain: the knowledge base's thread and connection."""
-
-        def close_kb() -> None:
-            if self._kb is not None:
-                self._kb.close()
-                self._kb = None
-
-        self._kb_thread.submit(close_kb)
+        self._kb_thread.submit(self._kb.close)
         self._kb_thread.shutdown(wait=True, cancel_futures=True)
 
     async def _ground(self, entry: _Inflight, collections: tuple[str, ...],
@@ -397,13 +376,7 @@ class Dispatcher:
             return
         # As many of the passages, best first, as fit in half the context the answer leaves.
         room = (self.cfg.model.n_ctx - (req.max_tokens or self.cfg.model.max_tokens)) // 2
-        used, fitting = 0, list[kb.Hit]()
-        for hit in hits:
-            used += kb.estimate_tokens(hit.text) + 16
-            if fitting and used > room:
-                break
-            fitting.append(hit)
-        numbered = list(enumerate(fitting, start=1))
+        numbered = list(enumerate(kb.fitting(hits, room), start=1))
         asked = {"role": "user", "content": kb.grounded_question(numbered, question)}
         entry.original = req.messages
         entry.request = dataclasses.replace(req, messages=(*req.messages[:-1], asked))

@@ -624,6 +624,35 @@ class KnowledgeBase:
         return hits
 
 
+class Reader:
+    """The daemon's read-only view of the knowledge base: the file opened at the first search
+    (so manuals loaded after the start are found), and again when it was replaced (removed
+    and loaded anew). One thread uses it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._base: Optional[KnowledgeBase] = None
+        self._ident = (0, 0)  # the open file's device and inode
+
+    def search(self, query: str, k: int, collections: Optional[Iterable[str]]) -> list[Hit]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            raise KbError(f"this box has no knowledge base yet ({self.path}); "
+                          "load manuals with `edgeagent kb add FILE...`") from None  # fmt: skip
+        if self._base is not None and self._ident != (st.st_dev, st.st_ino):
+            self.close()
+        if self._base is None:
+            self._base = KnowledgeBase(self.path, readonly=True)
+            self._ident = (st.st_dev, st.st_ino)
+        return self._base.search(query, k, collections)
+
+    def close(self) -> None:
+        if self._base is not None:
+            self._base.close()
+            self._base = None
+
+
 def query_keywords(query: str) -> list[str]:
     """The question's words that carry meaning (lower case, no stop words, two characters or
     more) and its CJK runs, split where the script changes (`F17报警`); at most MAX_TERMS of
@@ -698,6 +727,17 @@ GROUNDING = (
 
 def where(hit: Hit) -> str:
     return f"{hit.doc} - {hit.section}" + (f", page {hit.page}" if hit.page else "")
+
+
+def fitting(hits: list[Hit], room: int) -> list[Hit]:
+    """As many of `hits`, best first, as fit in `room` estimated tokens (at least one)."""
+    used, out = 0, list[Hit]()
+    for hit in hits:
+        used += estimate_tokens(hit.text) + 16  # its number, document and section line
+        if out and used > room:
+            break
+        out.append(hit)
+    return out
 
 
 def grounded_question(numbered: list[tuple[int, Hit]], question: str) -> str:
