@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from edgeagent._toml import tomllib
+from edgeagent.protocol import MAX_KB_COLLECTIONS
 from edgeagent.structured import Limits, constraint_of
 
 DEFAULT_CONFIG_RESOURCE = "default.toml"
@@ -197,6 +198,15 @@ class TopicSchema:
     schema: Any = None  # the file's JSON Schema, once read
 
 
+@dataclass(frozen=True)
+class TopicKb:
+    """`[mqtt.kb]`: requests on `<prefix>/<node_id>/<topic>` that do not say `kb` use the
+    manuals per `kb` (True: every collection; names: those; False: none)."""
+
+    topic: str  # "ask" or "ask/manuals"
+    kb: Union[bool, tuple[str, ...]]
+
+
 SCHEMA_TOPIC_RE = re.compile(r"ask(/[A-Za-z0-9_.-]{1,64}){1,4}")
 MAX_SCHEMA_FILE_BYTES = 1 << 20
 
@@ -247,6 +257,14 @@ class MqttConfig:
         metadata={
             "kind": "schemas",
             "doc": '{"ask/alarm" = "alarm.json", ...}: a default JSON Schema per request topic',
+        },
+    )
+    kb: tuple[TopicKb, ...] = field(
+        default=(),
+        metadata={
+            "kind": "topic_kb",
+            "doc": '{"ask" = true, "ask/manuals" = ["line-4"], ...}: whether a topic\'s '
+            "requests use the manuals when they do not say `kb`",
         },
     )
 
@@ -476,6 +494,37 @@ def _check_schemas(value: Any) -> tuple[Any, Optional[str]]:
     return tuple(out), None
 
 
+def _check_topic_kb(value: Any) -> tuple[Any, Optional[str]]:
+    """`[mqtt.kb]`: `ask` or a topic under `ask/` mapped to true, false or collection names."""
+    if not isinstance(value, dict):
+        return value, 'expected a table like {"ask" = true, "ask/manuals" = ["line-4"]}'
+    out = []
+    for topic, given in value.items():
+        kb = given
+        if topic != "ask" and (
+            not SCHEMA_TOPIC_RE.fullmatch(topic) or topic.split("/")[1] == "deep"
+        ):
+            return value, (
+                f"{topic!r} must be ask or ask/<name> (up to 4 levels of letters, digits, '_', "
+                "'-', '.'), not ask/deep"
+            )
+        if isinstance(kb, list):
+            if (
+                not kb
+                or len(kb) > MAX_KB_COLLECTIONS
+                or not all(isinstance(c, str) and 0 < len(c) <= 64 for c in kb)
+            ):
+                return value, (
+                    f"{topic}: expected true, false or 1 to {MAX_KB_COLLECTIONS} collection "
+                    f"names, got {kb!r}"
+                )
+            kb = tuple(given)
+        elif not isinstance(kb, bool):
+            return value, f"{topic}: expected true, false or a list of collection names, got {kb!r}"
+        out.append(TopicKb(topic, kb))
+    return tuple(out), None
+
+
 def read_schema_file(path: Path, limits: Limits) -> Any:
     """The JSON Schema in the file at `path`, checked like a request's `format` within
     `limits`; raises ValueError with the reason."""
@@ -678,6 +727,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: Any) -> tuple[Any, Optiona
         return _check_redactions(value)
     if kind == "schemas":
         return _check_schemas(value)
+    if kind == "topic_kb":
+        return _check_topic_kb(value)
     if key.endswith(".mode") and isinstance(value, str):
         if not re.fullmatch(r"0?o?[0-7]{3,4}", value):
             return value, f'expected an octal file mode like "0660", got {value!r}'

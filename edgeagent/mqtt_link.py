@@ -18,7 +18,8 @@ import sys
 import time
 import uuid
 from collections.abc import Hashable
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
@@ -58,6 +59,16 @@ def packet_size(topic: str, payload: bytes, qos: int, props: Optional[Properties
         remaining += len(props.pack()) if props is not None else 1
     length_bytes = 1 + (remaining >= 128) + (remaining >= 16_384) + (remaining >= 2_097_152)
     return 1 + length_bytes + remaining
+
+
+@dataclass(frozen=True)
+class NamedTopic:
+    """A request topic `<prefix>/<node_id>/ask/<name>` from `[mqtt.schemas]` or `[mqtt.kb]`:
+    it takes plain text too, and answers on `answer/<name>` a request naming no reply topic."""
+
+    topic: str  # "ask/alarm"
+    schema: Any  # the default `format` of its requests, or None
+    kb: Union[bool, tuple[str, ...], None]  # the default `kb` of its requests, or None
 
 
 def largest_request_packet(m: MqttConfig, topics: list[str]) -> int:
@@ -213,13 +224,15 @@ class MqttLink:
     ) -> None:
         self.cfg, self.dispatcher, self.loop, self.describe = cfg, dispatcher, loop, describe
         m = cfg.mqtt
-        self.topics = Topics(
-            m.topic_prefix, cfg.node_id, m.shared_group, tuple(ts.topic for ts in m.schemas)
-        )
-        # request topic -> (its [mqtt.schemas] key, the default `format` of requests on it)
-        self.schemas: dict[str, tuple[str, Any]] = {
-            self.topics.node_topic(ts.topic): (ts.topic, ts.schema) for ts in m.schemas
+        schemas = {ts.topic: ts.schema for ts in m.schemas}
+        kbs = {tk.topic: tk.kb for tk in m.kb}
+        named = tuple(dict.fromkeys([*schemas, *(t for t in kbs if t != "ask")]))
+        self.topics = Topics(m.topic_prefix, cfg.node_id, m.shared_group, named)
+        # request topic -> what [mqtt.schemas] and [mqtt.kb] give it (docs/mqtt.md)
+        self.named: dict[str, NamedTopic] = {
+            self.topics.node_topic(t): NamedTopic(t, schemas.get(t), kbs.get(t)) for t in named
         }
+        self.ask_kb = kbs.get("ask")  # `kb` of requests on the other request topics
         self.v5 = m.protocol == "5"
         self.client_id = m.client_id or f"edgeagent-{cfg.node_id}"
         self.connected = asyncio.Event()
@@ -237,7 +250,7 @@ class MqttLink:
         # v3.1.1 has no way to tell the broker our limit: there the broker's own (mosquitto's
         # `max_packet_size`) is what keeps a huge message from being read whole.
         request_topics = [self.topics.ask, self.topics.ask_deep, self.topics.group_ask,
-                          *self.schemas]  # fmt: skip
+                          *self.named]  # fmt: skip
         self.max_packet_size_asked = largest_request_packet(m, request_topics) if self.v5 else None
         self._ack_on_puback: dict[int, _Delivery] = {}
         self._final_topics: dict[int, str] = {}  # QoS 1 finals awaiting PUBACK, for logs
@@ -334,10 +347,20 @@ class MqttLink:
                 "node_id": self.cfg.node_id,
                 "since": round(time.time()),
                 "ask_topic": self.topics.ask,
-                **({"schema_topics": list(self.schemas)} if self.schemas else {}),
+                **self._named_topics(),
                 **self.describe(),
             }
         )
+
+    def _named_topics(self) -> dict[str, list[str]]:
+        """For the status: the topics with a schema, and those with a `kb` default."""
+        out: dict[str, list[str]] = {}
+        for topic, named in self.named.items():
+            if named.schema is not None:
+                out.setdefault("schema_topics", []).append(topic)
+            if named.kb is not None:
+                out.setdefault("kb_topics", []).append(topic)
+        return out
 
     # --- paho's network thread: hand over only --------------------------------------------
 
@@ -509,9 +532,9 @@ class MqttLink:
                 rt_problem = f"the Response Topic {rt_problem}"
                 self.counters["bad_reply_topic"] += 1
         reply_topic = response_topic if rt_problem is None else None
-        schema = self.schemas.get(topic)
-        # A schema topic's requests that name no reply topic are answered on its own.
-        fallback = self.topics.default_reply(schema[0]) if schema is not None else None
+        named = self.named.get(topic)
+        # A named topic's requests that name no reply topic are answered on its own.
+        fallback = self.topics.default_reply(named.topic) if named is not None else None
 
         def reject(rid: Optional[str], message: str) -> None:
             to = reply_topic or fallback
@@ -538,8 +561,8 @@ class MqttLink:
             return
         text_key = None
         try:
-            if schema is not None and not payload.lstrip().startswith(b"{"):
-                # Plain text on a schema topic is the question itself, answered in one event.
+            if named is not None and not payload.lstrip().startswith(b"{"):
+                # Plain text on a named topic is the question itself, answered in one event.
                 obj: Any = {"prompt": plain_text(payload), "stream": False}
                 text_key = "text:" + hashlib.sha256(payload).hexdigest()
             else:
@@ -547,12 +570,17 @@ class MqttLink:
         except protocol.ProtocolError as exc:
             reject(None, exc.message)
             return
-        if (
-            schema is not None
-            and isinstance(obj, dict)
-            and not {"op", "format", "grammar"} & set(obj)
-        ):
-            obj["format"] = schema[1]
+        if isinstance(obj, dict) and "op" not in obj:
+            if (
+                named is not None
+                and named.schema is not None
+                and not {"format", "grammar"} & set(obj)
+            ):
+                obj["format"] = named.schema
+            # [mqtt.kb] "ask" is for every other request topic: ask, ask/deep, the group's ask.
+            topic_kb = named.kb if named is not None else self.ask_kb
+            if topic_kb is not None and obj.get("kb") is None:
+                obj["kb"] = list(topic_kb) if isinstance(topic_kb, tuple) else topic_kb
         if isinstance(obj, dict) and "reply_to" in obj:
             reply_to = obj.pop("reply_to")
             problem = reply_topic_problem(reply_to, max_topic) or self._own(reply_to)

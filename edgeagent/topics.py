@@ -12,7 +12,7 @@ class Topics:
     prefix: str
     node_id: str
     shared_group: str = ""
-    schema_topics: tuple[str, ...] = ()  # [mqtt.schemas] keys: "ask/alarm", ...
+    named_topics: tuple[str, ...] = ()  # [mqtt.schemas] and [mqtt.kb] keys: "ask/alarm", ...
 
     @property
     def ask(self) -> str:
@@ -35,11 +35,12 @@ class Topics:
         return f"{self.prefix}/{self.node_id}/ask/deep"
 
     def node_topic(self, suffix: str) -> str:
-        """`<prefix>/<node_id>/<suffix>`: where `[mqtt.schemas]` key `suffix` takes requests."""
+        """`<prefix>/<node_id>/<suffix>`: where `[mqtt.schemas]` or `[mqtt.kb]` key `suffix`
+        takes requests."""
         return f"{self.prefix}/{self.node_id}/{suffix}"
 
     def default_reply(self, suffix: str) -> str:
-        """Where a request on schema topic `ask/<name>` that names no reply topic is answered:
+        """Where a request on named topic `ask/<name>` that names no reply topic is answered:
         `<prefix>/<node_id>/answer/<name>` (a PLC gateway publishing plain text over v3.1.1
         has no Response Topic to give)."""
         return self.node_topic("answer/" + suffix.removeprefix("ask/"))
@@ -55,7 +56,7 @@ class Topics:
 
     def subscriptions(self, deep: bool = False) -> list[str]:
         fixed = (self.ask, self.shared_ask, self.ask_deep if deep else "")
-        return [t for t in fixed if t] + [self.node_topic(s) for s in self.schema_topics]
+        return [t for t in fixed if t] + [self.node_topic(s) for s in self.named_topics]
 
 
 @dataclass(frozen=True)

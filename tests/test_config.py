@@ -45,7 +45,14 @@ def test_example_config_shows_every_key() -> None:
             out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
         return out
 
-    commented = {"node_id", "model.path", "model.sha256", "cpu.sysfs_root", "mqtt.schemas"}
+    commented = {
+        "node_id",
+        "model.path",
+        "model.sha256",
+        "cpu.sysfs_root",
+        "mqtt.schemas",
+        "mqtt.kb",
+    }
     documented = {key for key, _, _ in config.describe_keys()}
     assert documented - commented == keys(raw)
     text = path.read_text()
@@ -196,6 +203,32 @@ def test_mqtt_schemas_are_read_at_start_relative_to_the_config(tmp_path: Path) -
             for p in found
         ), (table, found)
     assert problems('"ask/alarm" = "missing.json"\n', enabled=False) == []
+
+
+@pytest.mark.parametrize("table, expected", [
+    ('"ask/deep" = true', "mqtt.kb: 'ask/deep' must be ask or ask/<name>"),
+    ('"manuals" = true', "mqtt.kb: 'manuals' must be ask or ask/<name>"),
+    ('"ask/manuals" = "yes"', "mqtt.kb: ask/manuals: expected true, false or a list"),
+    ('"ask/manuals" = []', "mqtt.kb: ask/manuals: expected true, false or 1 to 16"),
+    ('"ask/manuals" = [""]', "mqtt.kb: ask/manuals: expected true, false or 1 to 16"),
+    ('"ask/manuals" = [3]', "mqtt.kb: ask/manuals: expected true, false or 1 to 16"),
+])  # fmt: skip
+def test_mqtt_kb_topics_are_checked(table: str, expected: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(f"[mqtt]\nenabled = true\n[mqtt.kb]\n{table}\n", "t.toml")
+    assert any(p.startswith(f"t.toml: {expected}") for p in info.value.problems), info.value
+
+
+def test_mqtt_kb_topics_are_read() -> None:
+    cfg = config.parse(
+        '[mqtt.kb]\n"ask" = true\n"ask/manuals" = ["line-4", "common"]\n"ask/alarm" = false\n',
+        "t.toml",
+    )
+    assert cfg.mqtt.kb == (
+        config.TopicKb("ask", True),
+        config.TopicKb("ask/manuals", ("line-4", "common")),
+        config.TopicKb("ask/alarm", False),
+    )
 
 
 def test_http_needs_no_keys_on_loopback_and_unix_sockets() -> None:

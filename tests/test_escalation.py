@@ -183,6 +183,8 @@ def edge(stack: dict[str, Any], daemon_factory: Callable[..., Daemon]) -> Daemon
                         "--collection", collection, "--db", str(work / "kb.sqlite")],
                        check=True, capture_output=True, timeout=60)  # fmt: skip
     manuals = f'[kb]\npath = "{work / "kb.sqlite"}"\nprivate = ["secret"]\n'
+    # A topic for the HMI gateway's plain-text questions, answered from line 4's manuals.
+    schemas += '[mqtt.kb]\n"ask/manuals" = ["line-4"]\n'
     # Requests without max_tokens (plain text on a schema topic) ask the cloud for up to 160.
     extra = daemon_extra(stack, "edge", max_tokens=160) + schemas + manuals
     d = daemon_factory(node_id=NODE, extra=extra)
@@ -743,9 +745,43 @@ def test_private_passages_never_reach_the_cloud(edge: Daemon, sniffer: Sniffer) 
         assert local[-1]["source"] == "local", local[-1]
         follow = ask(c, "kb3", "And what happens above that?", escalate=True, session="kb-s")
         assert follow[-1]["event"] == "done", follow
+    # The cloud answered with the passages it was given, under the numbers the terminal shows.
+    assert first[-1]["source"] == "cloud" and first[-1]["citations"] == cites, first[-1]
     seen = [p for t, p in sniffer.seen() if t == "edgeagent-cloud/ask"]
     mine = [json.loads(p) for p in seen if b"hydraulic oil" in p or b"above that" in p]
     assert len(mine) == 2, seen
     assert all(b"ZX-SECRET-7731" not in p and b"58 C" not in p for p in seen)
     shared = next(c["n"] for c in cites if c["doc"] == "Press P4 manual")
     assert f"[{shared}] Press P4 manual" in json.dumps(mine[0]["messages"])
+
+
+def test_a_kb_topic_answers_plain_text_from_its_collections(
+    stack: dict[str, Any], edge: Daemon
+) -> None:
+    """[mqtt.kb] "ask/manuals" = ["line-4"]: an HMI gateway over MQTT 3.1.1 publishes the
+    operator's question as plain text and reads, on answer/manuals, the passages of line 4's
+    manuals first and then the answer, which carries them and the question."""
+    r = Requester(stack["local"].port, v5=False)
+    answers = f"edgeagent/{NODE}/answer/manuals"
+    question = "What temperature for the press P4 hydraulic oil?"
+    try:
+        r.client.subscribe(answers, 1)
+        r.wait_online(f"edgeagent/{NODE}/status")
+        r.publish(f"edgeagent/{NODE}/ask/manuals", question.encode())
+        first, _ = r.next(topic=answers, timeout=120)
+        assert first["event"] == "citations", first
+        # Only line 4's manual: the private recipe sheet is another collection.
+        assert [c["doc"] for c in first["citations"]] == ["Press P4 manual"], first
+        done, _ = r.next(topic=answers, timeout=120)
+        assert done["event"] == "done" and done["source"] == "local", done
+        assert done["citations"] == first["citations"] and done["question"] == question
+        assert done["id"] == first["id"]
+        # A JSON request there may still say otherwise.
+        r.publish(f"edgeagent/{NODE}/ask/manuals",
+                  {"id": "m2", "reply_to": r.reply_topic, "prompt": question, "kb": False,
+                   "max_tokens": 4})  # fmt: skip
+        plain = r.finals({"m2"})["m2"]
+        assert [e["event"] for e in plain if e["event"] != "token"] == ["done"], plain
+        assert "citations" not in plain[-1]
+    finally:
+        r.close()

@@ -320,11 +320,13 @@ class FakeDispatcher:
         self.stats = type("Stats", (), {"errors": collections.Counter()})()
         self.fail = fail
         self.handled: list[Any] = []
+        self.sinks: list[Any] = []
 
     def handle_decoded(self, obj: Any, sink: Any, via_deep_topic: bool = False) -> None:
         if self.fail:
             raise RuntimeError("a bug nobody foresaw")
         self.handled.append(obj)
+        self.sinks.append(sink)
 
 
 def wired_link(loop: asyncio.AbstractEventLoop,
@@ -404,3 +406,40 @@ def test_publish_reply_never_hands_paho_a_bad_topic(loop: asyncio.AbstractEventL
     assert link.publish_reply("x" * 65535, event, None, 1) is not None  # MQTT's limit, not ours
     assert [t for t, _, _ in client.published] == ["x" * 65535]
     assert link.counters["replies_bad_topic"] == 6
+
+
+def test_kb_topics_give_requests_their_default_kb(loop: asyncio.AbstractEventLoop) -> None:
+    """[mqtt.kb]: "ask" covers the node's other request topics; a named topic is subscribed,
+    takes plain text, and answers on answer/<name>; a request that says `kb` keeps it."""
+    dispatcher = FakeDispatcher()
+    cfg = mqtt_config(kb='{ "ask" = true, "ask/manuals" = ["line-4"], "ask/alarm" = false }')
+    link = MqttLink(cfg, cast(Any, dispatcher), loop, dict)
+    link._client = cast(Any, RecordingClient())
+    manuals = "edgeagent/press-3/ask/manuals"
+    assert set(link.topics.subscriptions()) == {
+        "edgeagent/press-3/ask",
+        manuals,
+        "edgeagent/press-3/ask/alarm",
+    }
+    assert link._named_topics() == {"kb_topics": [manuals, "edgeagent/press-3/ask/alarm"]}
+
+    def send(topic: str, payload: bytes) -> Any:
+        link._inbound(topic, payload, "replies/r", b"c", 7, 1, False)
+        return dispatcher.handled.pop()
+
+    ask = json.dumps({"id": "a", "prompt": "hi"}).encode()
+    assert send(link.topics.ask, ask)["kb"] is True
+    assert send(link.topics.group_ask, ask)["kb"] is True
+    assert send(link.topics.ask, json.dumps({"id": "b", "prompt": "hi", "kb": False}).encode())[
+        "kb"
+    ] is False  # fmt: skip
+    plain = send(manuals, b"torque for the M8 bolts?")
+    assert plain["kb"] == ["line-4"] and plain["prompt"] == "torque for the M8 bolts?"
+    assert plain["stream"] is False
+    assert send("edgeagent/press-3/ask/alarm", ask)["kb"] is False
+    # Control operations are left as they are.
+    assert "kb" not in send(link.topics.ask, json.dumps({"op": "status"}).encode())
+    # Without a reply topic, a named topic's answer goes to answer/<name>.
+    link._inbound(manuals, b"where is the E-stop?", None, None, 8, 1, False)
+    assert dispatcher.sinks[-1].topic == "edgeagent/press-3/answer/manuals"
+    assert dispatcher.sinks[-1].question == "where is the E-stop?"
