@@ -357,6 +357,9 @@ class HttpFrontEnd:
             "queue_depth": engine.queue_depth,
             "queue_size": d.cfg.engine.queue_size,
             "in_flight": d.in_flight,
+            # Whether a request that does not say `kb` is answered from the manuals here
+            # (the chat page's switch starts so).
+            "kb_default": "http" in d.cfg.kb.front_ends,
         })  # fmt: skip
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -451,6 +454,11 @@ class HttpFrontEnd:
             if kind == "token":
                 await response.write(http_api.sse(http_api.chunk(call, rid, created,
                                                                   event["text"])))  # fmt: skip
+            elif kind == "citations":
+                # The manuals' passages, before the first token: edgeagent's own field on a
+                # chunk with an empty delta (docs/http.md), which stock clients pass over.
+                cites = {"citations": event["citations"], "search_ms": event.get("search_ms")}
+                await response.write(http_api.sse(http_api.chunk(call, rid, created, **cites)))
             elif kind == "restart":
                 # The tokens sent so far are void (a cloud answer that broke off): edgeagent's
                 # own field, documented in docs/http.md.

@@ -22,6 +22,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
 from tests.conftest import Daemon
+from tests.test_kb_daemon import add
 
 TIMEOUT_S = 120
 
@@ -149,3 +150,61 @@ def test_markup_in_an_answer_is_shown_as_text_and_never_runs(page: webdriver.Chr
     with pytest.raises(NoAlertPresentException):
         _ = page.switch_to.alert.text
     no_page_errors(page)
+
+
+# A manual whose passage holds markup: it must be shown as text like the model's words.
+LABELS_MD = """# Labeller L2 manual
+
+## Label roll change
+
+Change the label roll when the low-roll lamp is lit. Thread the web under the
+<img src=x onerror="window.pwned=1"> peel plate, then press RESET twice.
+"""
+
+
+@pytest.fixture(scope="module")
+def manuals_daemon(
+    daemon_factory: Callable[..., Daemon], tmp_path_factory: pytest.TempPathFactory
+) -> Daemon:
+    """A box whose HTTP requests are answered from its manuals unless they say otherwise."""
+    work = tmp_path_factory.mktemp("manuals")
+    (work / "labeller.md").write_text(LABELS_MD)
+    add(work / "kb.sqlite", work / "labeller.md", "line-2")
+    extra = f'[kb]\npath = "{work / "kb.sqlite"}"\nfront_ends = ["http"]\n'
+    return daemon_factory(node_id="kiosk-kb", extra=extra)
+
+
+def test_an_answer_from_the_manuals_shows_its_sources_first(
+    manuals_daemon: Daemon, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    browser.get(f"{manuals_daemon.http_url}/")
+    until(lambda: browser.find_element(By.ID, "health").get_attribute("data-state") == "ready")
+    manuals = browser.find_element(By.ID, "manuals")
+    assert manuals.is_selected(), "the switch starts as the box's default (kb_default)"
+    answer = ask(browser, "How do I change the label roll on the labeller?")
+    sources = until(lambda: answer.find_elements(By.CLASS_NAME, "sources"))[0]
+    first = sources.find_element(By.TAG_NAME, "details")
+    assert first.get_attribute("open") is not None
+    summary = first.find_element(By.TAG_NAME, "summary").text
+    assert summary == "[1] Labeller L2 manual · Label roll change", summary
+    passage = first.find_element(By.CLASS_NAME, "passage").text
+    assert '<img src=x onerror="window.pwned=1">' in passage and "press RESET twice" in passage
+    watch(answer)
+    assert answer.get_attribute("data-state") == "done"
+    assert answer.find_element(By.CLASS_NAME, "source").text.startswith("local model")
+    # Above the answer, and markup in a manual never runs.
+    children = browser.execute_script(
+        "return Array.from(arguments[0].children).map(e => e.className)", answer
+    )
+    assert children.index("sources") < children.index("md"), children
+    assert browser.execute_script("return window.pwned") is None
+    assert answer.find_elements(By.TAG_NAME, "img") == []
+    shots = Path(os.environ.get("EDGEAGENT_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(shots / "chat-page-manuals.png"))
+    # Switched off, the same question is answered without them.
+    manuals.click()
+    plain = ask(browser, "How do I change the label roll on the labeller?")
+    watch(plain)
+    assert plain.find_elements(By.CLASS_NAME, "sources") == []
+    no_page_errors(browser)

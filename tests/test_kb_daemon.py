@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+import openai
 import pytest
 
 from tests.conftest import Conn, Daemon, connect
@@ -81,6 +84,31 @@ def test_a_manual_added_while_running_is_found_and_collections_filter(
     assert found[0]["citations"][0]["doc"] == "Press P4", found[0]
     assert all(cite["doc"] != "Press P4" for cite in only_3[0]["citations"])
     assert bad[-1]["code"] == "bad_request" and "`kb`" in bad[-1]["message"]
+
+
+def test_a_stock_client_streams_the_citations_before_the_first_token(
+    grounded: tuple[Daemon, Path],
+) -> None:
+    """Over HTTP, the OpenAI SDK reads the passages from a chunk with an empty delta before
+    the answer's first words, and again beside the finish reason; `kb` is an extra body field
+    (this box's HTTP requests do not use the manuals unless they ask: /health says so)."""
+    daemon, _ = grounded
+    sdk = openai.OpenAI(base_url=f"{daemon.http_url}/v1", api_key="none", max_retries=0)
+    stream = sdk.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Torque for the M8 flange bolts?"}],
+        max_tokens=24, stream=True, extra_body={"kb": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    extra = [c.model_extra or {} for c in chunks]
+    with_cites = [i for i, e in enumerate(extra) if "citations" in e]
+    words = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content]
+    assert with_cites and words and with_cites[0] < words[0], extra
+    first = extra[with_cites[0]]
+    assert first["citations"][0]["doc"] == "Filler F3 operating manual" and first["search_ms"] >= 0
+    assert chunks[with_cites[0]].choices[0].delta.content is None
+    assert chunks[-1].choices[0].finish_reason and extra[-1]["citations"] == first["citations"]
+    health = json.loads(urllib.request.urlopen(f"{daemon.http_url}/health", timeout=10).read())
+    assert health["kb_default"] is False
 
 
 def test_no_knowledge_base_is_a_clear_error(conn: Conn) -> None:
