@@ -231,7 +231,10 @@ def _cmd_kb(args: argparse.Namespace) -> int:
     if args.action != "add" and not path.exists():
         print(f"{path}: no knowledge base yet (edgeagent kb add FILE...)", file=sys.stderr)
         return 1
-    base = kb.KnowledgeBase(path)
+    embedder = None
+    if cfg.kb.embedding_model and args.action in ("add", "reindex", "search"):
+        embedder = kb.Embedder(Path(cfg.kb.embedding_model), os.cpu_count() or 1)
+    base = kb.KnowledgeBase(path, embedder=embedder)
     try:
         if args.action == "add":
             if not args.paths:
@@ -263,7 +266,8 @@ def _cmd_kb(args: argparse.Namespace) -> int:
             return 0 if gone else 1
         if args.action == "search":
             query = " ".join(args.paths)
-            for i, hit in enumerate(base.search(query, args.k), start=1):
+            vector = embedder.embed(query) if embedder and base.embedding() else None
+            for i, hit in enumerate(base.search(query, args.k, vector=vector), start=1):
                 page = f", page {hit.page}" if hit.page else ""
                 print(f"[{i}] {hit.doc}: {hit.section}{page} (score {hit.score:.4f}, "
                       f"matched {hit.matched:.2f})")  # fmt: skip
@@ -276,6 +280,8 @@ def _cmd_kb(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     finally:
         base.close()
+        if embedder is not None:
+            embedder.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -370,7 +370,7 @@ class KbConfig:
     )
     min_match: float = _f(
         0.34, lo=0.0, hi=1.0,
-        doc="share of the question's keywords the best passage must hold, else not covered",
+        doc="share of the question's keywords one of the passages must hold, else not covered",
     )  # fmt: skip
     not_covered: str = _f(
         "The manuals on this station do not cover this question.",
@@ -388,6 +388,10 @@ class KbConfig:
             '("socket", "mqtt", "http")',
         },
     )
+    embedding_model: str = _f(
+        "", doc="an embedding GGUF: passages get vectors, searched beside the words (optional)"
+    )
+    embedding_threads: int = _f(1, lo=1, hi=64, doc="threads that embed a question")
 
 
 @dataclass(frozen=True)
@@ -911,6 +915,8 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(f"{src}: worker.worker_id: 1-64 of letters, digits, '_', '-', '.'")
     if not re.match(r"https?://", w.base_url):
         problems.append(f"{src}: worker.base_url: expected an http:// or https:// URL")
+    if cfg.kb.embedding_model and not Path(cfg.kb.embedding_model).is_file():
+        problems.append(f"{src}: kb.embedding_model: {cfg.kb.embedding_model}: no such file")
     for front_end in cfg.kb.front_ends:
         if front_end not in ("socket", "mqtt", "http"):
             problems.append(f"{src}: kb.front_ends: {front_end!r} is not socket, mqtt or http")

@@ -170,7 +170,11 @@ class Dispatcher:
         self.escalator: Optional[Escalator] = None
         self.prometheus: Optional[Metrics] = None  # /metrics, where the HTTP front end runs
         # The knowledge base: one thread owns its read-only connection.
-        self._kb = kb.Reader(Path(cfg.kb.path) if cfg.kb.path else kb.default_kb_path())
+        self._kb = kb.Reader(
+            Path(cfg.kb.path) if cfg.kb.path else kb.default_kb_path(),
+            Path(cfg.kb.embedding_model) if cfg.kb.embedding_model else None,
+            cfg.kb.embedding_threads,
+        )
         self._kb_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-kb")
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -365,7 +369,9 @@ class Dispatcher:
         search_ms = round((time.monotonic() - started) * 1000, 1)
         self._deliver(entry, {"event": "citations", "id": req.id, "citations": entry.citations,
                               "search_ms": search_ms})  # fmt: skip
-        if not hits or hits[0].matched < k.min_match:
+        # Not covered when no passage holds enough of the question's words (a passage the
+        # vectors found may come first and hold none of them).
+        if not hits or max(h.matched for h in hits) < k.min_match:
             done = protocol.done_event(
                 req.id, k.not_covered, source="kb", node_id=self.cfg.node_id,
                 finish_reason="not_covered",

@@ -1,16 +1,19 @@
 """The station's own manuals, searchable offline: documents cut into passages along their
 structure, kept in SQLite with two FTS5 indexes (words, and trigrams for Chinese and other
 text without spaces), searched with BM25 and the two rankings fused by reciprocal rank.
+When an embedding GGUF is configured, each passage also has its vector, and the nearest
+passages to the question's vector are a third ranking in the fusion.
 
-Pure Python and the standard library's sqlite3 (PDF text through pypdf when it is installed).
-Nothing here loads the model: `edgeagent kb` works beside a running daemon, which opens the
-same file and sees what was added or removed at its next search.
+The standard library's sqlite3, PDF text through pypdf; llama-cpp-python and numpy only for
+the optional vectors. `edgeagent kb` works beside a running daemon, which opens the same file
+and sees what was added or removed at its next search.
 """
 
 from __future__ import annotations
 
 import hashlib
 import html.parser
+import logging
 import os
 import re
 import sqlite3
@@ -18,7 +21,12 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("edgeagent.kb")
 
 FORMATS = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".text": "text",
            ".html": "html", ".htm": "html", ".pdf": "pdf"}  # fmt: skip
@@ -38,6 +46,8 @@ _STOP = (
 )
 STOPWORDS = frozenset(_STOP.split())
 TABLES = ("words", "grams")  # the two FTS5 indexes: SQL names, never from input
+DENSE = "dense"  # the vectors' ranking, beside TABLES in `indexes`
+EMBED_CTX = 512  # tokens of a passage or question an embedding reads (the rest is cut)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
     id INTEGER PRIMARY KEY, collection TEXT NOT NULL, path TEXT NOT NULL, title TEXT NOT NULL,
@@ -53,6 +63,10 @@ CREATE VIRTUAL TABLE IF NOT EXISTS words USING fts5(
     section, text, tokenize='porter unicode61 remove_diacritics 2'
 );
 CREATE VIRTUAL TABLE IF NOT EXISTS grams USING fts5(section, text, tokenize='trigram');
+CREATE TABLE IF NOT EXISTS vectors (
+    id INTEGER PRIMARY KEY REFERENCES passages(id) ON DELETE CASCADE, v BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -456,6 +470,47 @@ class Hit:
                 "score": round(self.score, 4), "text": self.text}  # fmt: skip
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Embedder:
+    """An embedding GGUF through llama-cpp-python: text to a unit vector. A model whose file
+    sets no pooling (an instruct model) gives a vector per token: their mean is taken. Known in
+    the knowledge base by its file's SHA-256, so passages and questions are never compared
+    across models."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        from llama_cpp import Llama  # noqa: PLC0415 (only when vectors are configured)
+
+        self.path = path
+        self.fingerprint = f"{path.name} sha256:{file_sha256(path)}"
+        self._llm = Llama(model_path=str(path), embedding=True, n_ctx=EMBED_CTX,
+                          n_batch=EMBED_CTX, n_ubatch=EMBED_CTX, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)  # fmt: skip
+
+    def embed(self, text: str) -> np.ndarray:
+        import numpy as np  # noqa: PLC0415
+
+        v = np.asarray(self._llm.embed(text.strip() or ".", truncate=True), dtype=np.float32)
+        if v.ndim == 2:
+            v = v.mean(axis=0)
+        norm = float(np.linalg.norm(v))
+        return v / norm if norm > 0 else v
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+def passage_text(section: str, text: str) -> str:
+    """What a passage's vector is made from: its section's path, then its text."""
+    return f"{section}\n{text}"
+
+
 def default_kb_path() -> Path:
     if os.environ.get("STATE_DIRECTORY"):
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "kb.sqlite"
@@ -469,8 +524,12 @@ class KnowledgeBase:
     able to write beside it (its -shm), and the daemon may read a file it cannot write. A
     search waits out a commit (`timeout`)."""
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 embedder: Optional[Embedder] = None) -> None:  # fmt: skip
+        """`embedder`: each passage added gets its vector (`[kb] embedding_model`)."""
         self.path = path
+        self.embedder = embedder
+        self._dense: Optional[tuple[int, Any, Any, Any]] = None  # (data_version, ids, ...)
         if readonly:
             uri = f"file:{path}?mode=ro"
             self.db = sqlite3.connect(uri, uri=True, timeout=10, check_same_thread=False)
@@ -501,6 +560,12 @@ class KnowledgeBase:
         parts = passages(doc, budget)
         if not parts:
             raise KbError("no text found in it")
+        self._check_vectors()
+        vectors = (
+            [self.embedder.embed(passage_text(p.section, p.text)) for p in parts]
+            if self.embedder is not None
+            else []
+        )
         with self.db:
             if row is not None:
                 self._delete(collection, str(path))
@@ -516,6 +581,9 @@ class KnowledgeBase:
                     "INSERT INTO passages (doc, n, section, page, text) VALUES (?, ?, ?, ?, ?)",
                     (doc_id, n, p.section, p.page, p.text),
                 ).lastrowid
+                if vectors:
+                    assert pid is not None
+                    self._store_vector(pid, vectors[n])
                 for table in TABLES:
                     section, text = p.section, p.text
                     if table == "words":  # CJK as overlapping pairs: its words have no spaces
@@ -523,6 +591,37 @@ class KnowledgeBase:
                     self.db.execute(f"INSERT INTO {table} (rowid, section, text) "  # noqa: S608
                                     "VALUES (?, ?, ?)", (pid, section, text))  # fmt: skip
         return doc.title or path.stem, len(parts), True
+
+    def embedding(self) -> Optional[str]:
+        """The model the passages' vectors come from (its fingerprint), None without vectors."""
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'embedding'").fetchone()
+        except sqlite3.OperationalError:  # a file from before vectors, opened read-only
+            return None
+        return row[0] if row else None
+
+    def _check_vectors(self) -> None:
+        """Every passage has a vector from the same model, or none has one."""
+        stored = self.embedding()
+        if self.embedder is None:
+            if stored is not None:
+                raise KbError(f"its passages have vectors from {stored.split()[0]}: set [kb] "
+                              "embedding_model to that model, or run `edgeagent kb reindex` "
+                              "without one to drop them")  # fmt: skip
+            return
+        if stored is None and self.db.execute("SELECT 1 FROM passages LIMIT 1").fetchone():
+            raise KbError("its passages have no vectors yet: `edgeagent kb reindex` with "
+                          "[kb] embedding_model set gives them theirs")  # fmt: skip
+        if stored is not None and stored != self.embedder.fingerprint:
+            raise KbError(f"its passages have vectors from another model ({stored.split()[0]}):"
+                          " `edgeagent kb reindex` makes them again with this one")  # fmt: skip
+
+    def _store_vector(self, pid: int, vector: np.ndarray) -> None:
+        assert self.embedder is not None
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('embedding', ?)",
+                        (self.embedder.fingerprint,))  # fmt: skip
+        self.db.execute("INSERT OR REPLACE INTO vectors (id, v) VALUES (?, ?)",
+                        (pid, vector.astype("<f4").tobytes()))  # fmt: skip
 
     def remove(self, key: str, collection: Optional[str] = None) -> int:
         """Remove documents by path, file name or title; returns how many."""
@@ -552,6 +651,18 @@ class KnowledgeBase:
         """Read every document again from its path; returns (path, problem) for those that
         could not be read (they keep their old passages)."""
         problems = []
+        # The vectors follow the model configured now: made again with another, dropped
+        # without one. The vectors of a document that cannot be read again are made from
+        # the passages it keeps.
+        fingerprint = self.embedder.fingerprint if self.embedder is not None else None
+        if self.embedding() != fingerprint:
+            with self.db:
+                self.db.execute("DELETE FROM vectors")
+                if fingerprint is None:
+                    self.db.execute("DELETE FROM meta WHERE key = 'embedding'")
+                else:
+                    self.db.execute("INSERT OR REPLACE INTO meta (key, value) "
+                                    "VALUES ('embedding', ?)", (fingerprint,))  # fmt: skip
         for collection, path in self.db.execute("SELECT collection, path FROM docs").fetchall():
             try:
                 self.db.execute("UPDATE docs SET sha256 = '' WHERE collection = ? AND path = ?",
@@ -560,6 +671,14 @@ class KnowledgeBase:
             except KbError as exc:
                 problems.append((path, str(exc)))
         self.db.commit()
+        if self.embedder is not None:
+            missing = self.db.execute(
+                "SELECT p.id, p.section, p.text FROM passages p "
+                "WHERE p.id NOT IN (SELECT id FROM vectors)"
+            ).fetchall()
+            with self.db:
+                for pid, section, text in missing:
+                    self._store_vector(pid, self.embedder.embed(passage_text(section, text)))
         return problems
 
     # --- reading ------------------------------------------------------------------------
@@ -579,8 +698,10 @@ class KnowledgeBase:
         return {"documents": docs, "passages": parts}
 
     def search(self, query: str, k: int = 4, collections: Optional[Iterable[str]] = None,
-               indexes: tuple[str, ...] = TABLES) -> list[Hit]:  # fmt: skip
-        """The `k` best passages for `query`, the BM25 rankings of `indexes` fused."""
+               indexes: tuple[str, ...] = (*TABLES, DENSE),
+               vector: Optional[np.ndarray] = None) -> list[Hit]:  # fmt: skip
+        """The `k` best passages for `query`: the BM25 rankings of `indexes` and, given the
+        question's `vector` (from the passages' model), the nearest passages, fused."""
         ranks: dict[int, float] = {}
         names = sorted(set(collections)) if collections is not None else []
         # Only the asked collections are ranked (a filter after the ranking would miss a
@@ -601,9 +722,40 @@ class KnowledgeBase:
                 ).fetchall()
                 for rank, (rowid,) in enumerate(rows):
                     ranks[rowid] = ranks.get(rowid, 0.0) + 1.0 / (RRF_K + rank + 1)
+            if vector is not None and DENSE in indexes:
+                for rank, rowid in enumerate(self._nearest(vector, names)):
+                    ranks[rowid] = ranks.get(rowid, 0.0) + 1.0 / (RRF_K + rank + 1)
             return self._hits(query, ranks, k)
         finally:
             self.db.rollback()
+
+    def _nearest(self, vector: np.ndarray, collections: list[str]) -> list[int]:
+        """The CANDIDATES passages whose vectors are nearest `vector` (cosine), in the named
+        collections (all when none). The vectors are read once, and again when another
+        process changed the file."""
+        import numpy as np  # noqa: PLC0415
+
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if self._dense is None or self._dense[0] != version:
+            rows = self.db.execute(
+                "SELECT v.id, d.collection, v.v FROM vectors v JOIN passages p ON p.id = v.id "
+                "JOIN docs d ON d.id = p.doc"
+            ).fetchall()
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            colls = np.array([r[1] for r in rows], dtype=object)
+            dim = len(rows[0][2]) // 4 if rows else 0
+            matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(-1, dim)
+            self._dense = (version, ids, colls, matrix)
+        _, ids, colls, matrix = self._dense
+        if not len(ids) or matrix.shape[1] != vector.shape[0]:
+            return []
+        scores = matrix @ vector
+        if collections:
+            scores = np.where(np.isin(colls, collections), scores, -np.inf)
+        n = min(CANDIDATES, len(ids))
+        best = np.argpartition(-scores, n - 1)[:n]
+        best = best[np.argsort(-scores[best])]
+        return [int(ids[i]) for i in best if np.isfinite(scores[i])]
 
     def _hits(self, query: str, ranks: dict[int, float], k: int) -> list[Hit]:
         ordered = sorted(ranks.items(), key=lambda item: -item[1])
@@ -629,10 +781,14 @@ class Reader:
     (so manuals loaded after the start are found), and again when it was replaced (removed
     and loaded anew). One thread uses it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, embedding_model: Optional[Path] = None,
+                 threads: int = 1) -> None:  # fmt: skip
         self.path = path
         self._base: Optional[KnowledgeBase] = None
         self._ident = (0, 0)  # the open file's device and inode
+        self._embedding_model, self._threads = embedding_model, threads
+        self._embedder: Optional[Embedder] = None
+        self._warned = ""
 
     def search(self, query: str, k: int, collections: Optional[Iterable[str]]) -> list[Hit]:
         try:
@@ -645,12 +801,32 @@ class Reader:
         if self._base is None:
             self._base = KnowledgeBase(self.path, readonly=True)
             self._ident = (st.st_dev, st.st_ino)
-        return self._base.search(query, k, collections)
+        return self._base.search(query, k, collections, vector=self._vector(self._base, query))
+
+    def _vector(self, base: KnowledgeBase, query: str) -> Optional[np.ndarray]:
+        """The question's vector, when the passages have vectors from the configured model
+        (loaded at the first such question)."""
+        stored = base.embedding()
+        if self._embedding_model is None or stored is None:
+            return None
+        if self._embedder is None:
+            self._embedder = Embedder(self._embedding_model, self._threads)
+        if stored != self._embedder.fingerprint:
+            if self._warned != stored:  # once per file's model, not per question
+                log.warning("the knowledge base's vectors come from %s, not %s: searching "
+                            "without them until `edgeagent kb reindex`", stored.split()[0],
+                            self._embedding_model)  # fmt: skip
+                self._warned = stored
+            return None
+        return self._embedder.embed(query[:MAX_QUERY_CHARS])
 
     def close(self) -> None:
         if self._base is not None:
             self._base.close()
             self._base = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
 
 
 def query_keywords(query: str) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import openai
 import pytest
@@ -30,9 +30,10 @@ def grounded(
     yield d, work
 
 
-def add(db: Path, doc: Path, collection: str) -> None:
+def add(db: Path, doc: Path, collection: str, config: Optional[Path] = None) -> None:
     command = [sys.executable, "-m", "edgeagent", "kb", "add", str(doc)]
     command += ["--collection", collection, "--db", str(db)]
+    command += ["--config", str(config)] if config is not None else []
     subprocess.run(command, check=True, capture_output=True, timeout=60)
 
 
