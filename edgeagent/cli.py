@@ -266,7 +266,13 @@ def _cmd_kb(args: argparse.Namespace) -> int:
             return 0 if gone else 1
         if args.action == "search":
             query = " ".join(args.paths)
-            vector = embedder.embed(query) if embedder and base.embedding() else None
+            vector = None
+            if embedder is not None and base.embedding() is not None:
+                if base.embedding() == embedder.fingerprint:
+                    vector = embedder.embed(query, kb.QUESTION_TOKENS)
+                else:
+                    print("the passages' vectors come from another model: searching by the "
+                          "words alone (edgeagent kb reindex)", file=sys.stderr)  # fmt: skip
             for i, hit in enumerate(base.search(query, args.k, vector=vector), start=1):
                 page = f", page {hit.page}" if hit.page else ""
                 print(f"[{i}] {hit.doc}: {hit.section}{page} (score {hit.score:.4f}, "

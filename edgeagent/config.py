@@ -915,8 +915,11 @@ def _cross_check(cfg: Config, problems: list[str]) -> Config:
         problems.append(f"{src}: worker.worker_id: 1-64 of letters, digits, '_', '-', '.'")
     if not re.match(r"https?://", w.base_url):
         problems.append(f"{src}: worker.base_url: expected an http:// or https:// URL")
-    if cfg.kb.embedding_model and not Path(cfg.kb.embedding_model).is_file():
-        problems.append(f"{src}: kb.embedding_model: {cfg.kb.embedding_model}: no such file")
+    embedding_model = cfg.kb.embedding_model
+    if embedding_model and not Path(embedding_model).is_file():
+        problems.append(f"{src}: kb.embedding_model: {embedding_model}: no such file")
+    elif embedding_model and not os.access(embedding_model, os.R_OK):
+        problems.append(f"{src}: kb.embedding_model: {embedding_model}: not readable by this user")
     for front_end in cfg.kb.front_ends:
         if front_end not in ("socket", "mqtt", "http"):
             problems.append(f"{src}: kb.front_ends: {front_end!r} is not socket, mqtt or http")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from edgeagent import __version__, checker, config, cpu, heap, models
+from edgeagent import __version__, checker, config, cpu, heap, kb, models
 from edgeagent.config import Config
 from edgeagent.dispatcher import Dispatcher
 from edgeagent.engine import Engine
@@ -230,7 +230,21 @@ async def serve(cfg: Config, started: float) -> int:
     # The process that checks structured answers against their schemas (checker.py) starts
     # now, so the first such answer does not wait for its imports.
     checker.shared().warm()
-    dispatcher = Dispatcher(cfg, engine, loop)
+    # The knowledge base's embedding model, when set, loads now like the model: a file that
+    # cannot be loaded ends the start, not the first grounded question.
+    embedder = None
+    if cfg.kb.embedding_model:
+        try:
+            embedder = await loop.run_in_executor(
+                None, kb.Embedder, Path(cfg.kb.embedding_model), cfg.kb.embedding_threads
+            )
+        except Exception as exc:
+            log.error("cannot load kb.embedding_model %s: %s", cfg.kb.embedding_model, exc)
+            if http is not None:
+                await http.close()
+            engine.stop()
+            return EXIT_MODEL
+    dispatcher = Dispatcher(cfg, engine, loop, embedder)
     dispatcher.prometheus = metrics
     dispatcher.status_sections["cpu"] = lambda: cpu_status(engine)
 

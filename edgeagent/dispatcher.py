@@ -154,7 +154,8 @@ class _CloudWaiter:
 
 
 class Dispatcher:
-    def __init__(self, cfg: Config, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: Config, engine: Engine, loop: asyncio.AbstractEventLoop,
+                 embedder: Optional[kb.Embedder] = None) -> None:  # fmt: skip
         self.cfg, self.engine, self.loop = cfg, engine, loop
         self.stats = Stats()
         self.accepting = True
@@ -170,11 +171,8 @@ class Dispatcher:
         self.escalator: Optional[Escalator] = None
         self.prometheus: Optional[Metrics] = None  # /metrics, where the HTTP front end runs
         # The knowledge base: one thread owns its read-only connection.
-        self._kb = kb.Reader(
-            Path(cfg.kb.path) if cfg.kb.path else kb.default_kb_path(),
-            Path(cfg.kb.embedding_model) if cfg.kb.embedding_model else None,
-            cfg.kb.embedding_threads,
-        )
+        self._kb = kb.Reader(Path(cfg.kb.path) if cfg.kb.path else kb.default_kb_path(), embedder)
+        self._kb_pending = 0  # searches waiting for the kb thread (a question's vector takes time)
         self._kb_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-kb")
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -351,6 +349,13 @@ class Dispatcher:
         req = entry.request
         question = req.messages[-1]["content"]
         started = time.monotonic()
+        if self._kb_pending >= self.cfg.engine.queue_size:
+            waiting = self._kb_pending
+            self._deliver(entry, protocol.error_event(
+                req.id, protocol.BUSY, f"{waiting} searches of the manuals waiting; retry later"
+            ))  # fmt: skip
+            return
+        self._kb_pending += 1
         try:
             hits = await self.loop.run_in_executor(
                 self._kb_thread, self._kb_search, entry, question, collections
@@ -362,6 +367,8 @@ class Dispatcher:
             log.exception("searching the knowledge base for %s failed", req.id)
             self._deliver(entry, protocol.error_event(req.id, protocol.INTERNAL, f"kb: {exc}"))
             return
+        finally:
+            self._kb_pending -= 1
         if entry.finished:
             return
         k = self.cfg.kb
@@ -372,6 +379,11 @@ class Dispatcher:
         # Not covered when no passage holds enough of the question's words (a passage the
         # vectors found may come first and hold none of them).
         if not hits or max(h.matched for h in hits) < k.min_match:
+            if req.constraint is not None:
+                # A machine waiting for JSON of a shape gets no prose in its place.
+                self._deliver(entry, protocol.error_event(req.id, protocol.NOT_COVERED,
+                                                          k.not_covered))  # fmt: skip
+                return
             done = protocol.done_event(
                 req.id, k.not_covered, source="kb", node_id=self.cfg.node_id,
                 finish_reason="not_covered",

@@ -24,6 +24,8 @@ ERROR_STATUS = {
     # max_tokens ended the answer inside its JSON: the same request ends the same way.
     protocol.INCOMPLETE: (422, "invalid_request_error"),
     protocol.INVALID: (500, "server_error"),
+    # The manuals hold nothing close to the question: asked again, the same.
+    protocol.NOT_COVERED: (422, "invalid_request_error"),
     protocol.BUSY: (429, "rate_limit_error"),
     protocol.TIMEOUT: (504, "timeout_error"),
     protocol.CANCELLED: (503, "server_error"),

@@ -47,7 +47,8 @@ _STOP = (
 STOPWORDS = frozenset(_STOP.split())
 TABLES = ("words", "grams")  # the two FTS5 indexes: SQL names, never from input
 DENSE = "dense"  # the vectors' ranking, beside TABLES in `indexes`
-EMBED_CTX = 512  # tokens of a passage or question an embedding reads (the rest is cut)
+EMBED_CTX = 512  # tokens of a passage an embedding reads (the rest is cut)
+QUESTION_TOKENS = 128  # ... and of a question (its start says what it is about)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
     id INTEGER PRIMARY KEY, collection TEXT NOT NULL, path TEXT NOT NULL, title TEXT NOT NULL,
@@ -481,22 +482,28 @@ def file_sha256(path: Path) -> str:
 class Embedder:
     """An embedding GGUF through llama-cpp-python: text to a unit vector. A model whose file
     sets no pooling (an instruct model) gives a vector per token: their mean is taken. Known in
-    the knowledge base by its file's SHA-256, so passages and questions are never compared
-    across models."""
+    the knowledge base by its file's SHA-256 (not its name: a copy elsewhere is the same
+    model), so passages and questions are never compared across models. The daemon loads it
+    at start, beside its model: llama-cpp-python silences the process's output while a model
+    loads."""
 
     def __init__(self, path: Path, threads: int = 1) -> None:
         from llama_cpp import Llama  # noqa: PLC0415 (only when vectors are configured)
 
         self.path = path
-        self.fingerprint = f"{path.name} sha256:{file_sha256(path)}"
+        self.fingerprint = "sha256:" + file_sha256(path)
         self._llm = Llama(model_path=str(path), embedding=True, n_ctx=EMBED_CTX,
                           n_batch=EMBED_CTX, n_ubatch=EMBED_CTX, n_threads=threads,
                           n_threads_batch=threads, verbose=False)  # fmt: skip
 
-    def embed(self, text: str) -> np.ndarray:
+    def embed(self, text: str, max_tokens: int = EMBED_CTX) -> np.ndarray:
         import numpy as np  # noqa: PLC0415
 
-        v = np.asarray(self._llm.embed(text.strip() or ".", truncate=True), dtype=np.float32)
+        text = text.strip() or "."
+        tokens = self._llm.tokenize(text.encode("utf-8", "replace"), add_bos=False)
+        if len(tokens) > max_tokens:
+            text = self._llm.detokenize(tokens[:max_tokens]).decode("utf-8", "ignore")
+        v = np.asarray(self._llm.embed(text, truncate=True), dtype=np.float32)
         if v.ndim == 2:
             v = v.mean(axis=0)
         norm = float(np.linalg.norm(v))
@@ -529,7 +536,8 @@ class KnowledgeBase:
         """`embedder`: each passage added gets its vector (`[kb] embedding_model`)."""
         self.path = path
         self.embedder = embedder
-        self._dense: Optional[tuple[int, Any, Any, Any]] = None  # (data_version, ids, ...)
+        # The vectors read for `_nearest`: ((data_version, dim), ids, collections, matrix)
+        self._dense: Optional[tuple[tuple[int, int], Any, Any, Any]] = None
         if readonly:
             uri = f"file:{path}?mode=ro"
             self.db = sqlite3.connect(uri, uri=True, timeout=10, check_same_thread=False)
@@ -545,9 +553,11 @@ class KnowledgeBase:
 
     # --- writing ------------------------------------------------------------------------
 
-    def add(self, path: Path, collection: str = "default",
-            budget: int = CHUNK_TOKENS) -> tuple[str, int, bool]:  # fmt: skip
-        """Index one document (again, when it changed); returns (title, passages, changed)."""
+    def add(self, path: Path, collection: str = "default", budget: int = CHUNK_TOKENS,
+            *, again: bool = False) -> tuple[str, int, bool]:  # fmt: skip
+        """Index one document (again, when it changed or `again`); returns (title, passages,
+        changed). The vectors are made first, outside the write lock (the slow part); the
+        checks that every vector comes from one model run again inside it."""
         path = path.resolve()
         doc, data = read_document(path)
         digest = hashlib.sha256(data).hexdigest()
@@ -555,19 +565,25 @@ class KnowledgeBase:
             "SELECT sha256, title, passages FROM docs WHERE collection = ? AND path = ?",
             (collection, str(path)),
         ).fetchone()
-        if row is not None and row[0] == digest:
+        if row is not None and row[0] == digest and not again:
             return row[1], row[2], False
         parts = passages(doc, budget)
         if not parts:
             raise KbError("no text found in it")
-        self._check_vectors()
+        if not again:
+            self._check_vectors()  # before the slow part: a refusal comes at once
         vectors = (
             [self.embedder.embed(passage_text(p.section, p.text)) for p in parts]
             if self.embedder is not None
             else []
         )
+        self._dense = None  # this connection's own writes do not change its data_version
         with self.db:
-            if row is not None:
+            self.db.execute("BEGIN IMMEDIATE")
+            if not again:
+                self._check_vectors()  # another `kb add` may have written meanwhile
+            if self.db.execute("SELECT 1 FROM docs WHERE collection = ? AND path = ?",
+                               (collection, str(path))).fetchone():  # fmt: skip
                 self._delete(collection, str(path))
             cur = self.db.execute(
                 "INSERT INTO docs (collection, path, title, sha256, bytes, added, passages) "
@@ -592,20 +608,33 @@ class KnowledgeBase:
                                     "VALUES (?, ?, ?)", (pid, section, text))  # fmt: skip
         return doc.title or path.stem, len(parts), True
 
-    def embedding(self) -> Optional[str]:
-        """The model the passages' vectors come from (its fingerprint), None without vectors."""
+    def _meta(self, key: str) -> Optional[str]:
         try:
-            row = self.db.execute("SELECT value FROM meta WHERE key = 'embedding'").fetchone()
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         except sqlite3.OperationalError:  # a file from before vectors, opened read-only
             return None
         return row[0] if row else None
+
+    def embedding(self) -> Optional[str]:
+        """The model the passages' vectors come from (its fingerprint); None while no passage
+        has a vector (none configured, or every document removed)."""
+        try:
+            if not self.db.execute("SELECT 1 FROM vectors LIMIT 1").fetchone():
+                return None
+        except sqlite3.OperationalError:
+            return None
+        return self._meta("embedding")
+
+    def _model_name(self) -> str:
+        """The vectors' model as an operator knows it: its file's name when it was used."""
+        return self._meta("embedding_model") or str(self._meta("embedding"))
 
     def _check_vectors(self) -> None:
         """Every passage has a vector from the same model, or none has one."""
         stored = self.embedding()
         if self.embedder is None:
             if stored is not None:
-                raise KbError(f"its passages have vectors from {stored.split()[0]}: set [kb] "
+                raise KbError(f"its passages have vectors from {self._model_name()}: set [kb] "
                               "embedding_model to that model, or run `edgeagent kb reindex` "
                               "without one to drop them")  # fmt: skip
             return
@@ -613,15 +642,26 @@ class KnowledgeBase:
             raise KbError("its passages have no vectors yet: `edgeagent kb reindex` with "
                           "[kb] embedding_model set gives them theirs")  # fmt: skip
         if stored is not None and stored != self.embedder.fingerprint:
-            raise KbError(f"its passages have vectors from another model ({stored.split()[0]}):"
-                          " `edgeagent kb reindex` makes them again with this one")  # fmt: skip
+            raise KbError(f"its passages have vectors from another model "
+                          f"({self._model_name()}): `edgeagent kb reindex` makes them again "
+                          "with this one")  # fmt: skip
+
+    def _set_model(self) -> None:
+        """In a write transaction: the vectors written now come from the embedder's model."""
+        fingerprint = self.embedder.fingerprint if self.embedder is not None else None
+        self.db.execute("DELETE FROM meta WHERE key IN ('embedding', 'embedding_model')")
+        if self.embedder is not None:
+            self.db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                                [("embedding", fingerprint),
+                                 ("embedding_model", self.embedder.path.name)])  # fmt: skip
 
     def _store_vector(self, pid: int, vector: np.ndarray) -> None:
         assert self.embedder is not None
-        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('embedding', ?)",
-                        (self.embedder.fingerprint,))  # fmt: skip
-        self.db.execute("INSERT OR REPLACE INTO vectors (id, v) VALUES (?, ?)",
-                        (pid, vector.astype("<f4").tobytes()))  # fmt: skip
+        if self.embedding() is None:
+            self._set_model()
+        self.db.execute("INSERT OR REPLACE INTO vectors (id, v) SELECT ?, ? "
+                        "WHERE EXISTS (SELECT 1 FROM passages WHERE id = ?)",
+                        (pid, vector.astype("<f4").tobytes(), pid))  # fmt: skip
 
     def remove(self, key: str, collection: Optional[str] = None) -> int:
         """Remove documents by path, file name or title; returns how many."""
@@ -633,6 +673,7 @@ class KnowledgeBase:
             if (path == exact or title == key or Path(path).name == key)
             and (collection is None or coll == collection)
         ]  # fmt: skip
+        self._dense = None
         with self.db:
             for coll, path in rows:
                 self._delete(coll, path)
@@ -649,36 +690,33 @@ class KnowledgeBase:
 
     def reindex(self, budget: int = CHUNK_TOKENS) -> list[tuple[str, str]]:
         """Read every document again from its path; returns (path, problem) for those that
-        could not be read (they keep their old passages)."""
+        could not be read (they keep their old passages). The vectors follow the model
+        configured now: made again with another, dropped without one; a document that cannot
+        be read again gets its vectors from the passages it keeps."""
         problems = []
-        # The vectors follow the model configured now: made again with another, dropped
-        # without one. The vectors of a document that cannot be read again are made from
-        # the passages it keeps.
         fingerprint = self.embedder.fingerprint if self.embedder is not None else None
-        if self.embedding() != fingerprint:
+        self._dense = None
+        if self._meta("embedding") != fingerprint:
             with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
                 self.db.execute("DELETE FROM vectors")
-                if fingerprint is None:
-                    self.db.execute("DELETE FROM meta WHERE key = 'embedding'")
-                else:
-                    self.db.execute("INSERT OR REPLACE INTO meta (key, value) "
-                                    "VALUES ('embedding', ?)", (fingerprint,))  # fmt: skip
+                self._set_model()
         for collection, path in self.db.execute("SELECT collection, path FROM docs").fetchall():
             try:
-                self.db.execute("UPDATE docs SET sha256 = '' WHERE collection = ? AND path = ?",
-                                (collection, path))  # fmt: skip
-                self.add(Path(path), collection, budget)
+                self.add(Path(path), collection, budget, again=True)
             except KbError as exc:
                 problems.append((path, str(exc)))
-        self.db.commit()
         if self.embedder is not None:
             missing = self.db.execute(
-                "SELECT p.id, p.section, p.text FROM passages p "
-                "WHERE p.id NOT IN (SELECT id FROM vectors)"
+                "SELECT id, section, text FROM passages WHERE id NOT IN (SELECT id FROM vectors)"
             ).fetchall()
+            made = [(pid, self.embedder.embed(passage_text(sec, text)))
+                    for pid, sec, text in missing]  # fmt: skip
             with self.db:
-                for pid, section, text in missing:
-                    self._store_vector(pid, self.embedder.embed(passage_text(section, text)))
+                self.db.execute("BEGIN IMMEDIATE")
+                for pid, vector in made:
+                    self._store_vector(pid, vector)
+        self._dense = None
         return problems
 
     # --- reading ------------------------------------------------------------------------
@@ -735,19 +773,21 @@ class KnowledgeBase:
         process changed the file."""
         import numpy as np  # noqa: PLC0415
 
-        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        dim = int(vector.shape[0])
+        # Another process's commit changes data_version; this connection's own writes reset
+        # the cache where they are made.
+        version = (self.db.execute("PRAGMA data_version").fetchone()[0], dim)
         if self._dense is None or self._dense[0] != version:
             rows = self.db.execute(
                 "SELECT v.id, d.collection, v.v FROM vectors v JOIN passages p ON p.id = v.id "
-                "JOIN docs d ON d.id = p.doc"
-            ).fetchall()
+                "JOIN docs d ON d.id = p.doc WHERE length(v.v) = ?", (4 * dim,)
+            ).fetchall()  # fmt: skip
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             colls = np.array([r[1] for r in rows], dtype=object)
-            dim = len(rows[0][2]) // 4 if rows else 0
             matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(-1, dim)
             self._dense = (version, ids, colls, matrix)
         _, ids, colls, matrix = self._dense
-        if not len(ids) or matrix.shape[1] != vector.shape[0]:
+        if not len(ids):
             return []
         scores = matrix @ vector
         if collections:
@@ -781,14 +821,14 @@ class Reader:
     (so manuals loaded after the start are found), and again when it was replaced (removed
     and loaded anew). One thread uses it."""
 
-    def __init__(self, path: Path, embedding_model: Optional[Path] = None,
-                 threads: int = 1) -> None:  # fmt: skip
+    def __init__(self, path: Path, embedder: Optional[Embedder] = None) -> None:
+        """`embedder`: the question's vector is searched too, when the passages have vectors
+        from its model. The reader closes it."""
         self.path = path
         self._base: Optional[KnowledgeBase] = None
         self._ident = (0, 0)  # the open file's device and inode
-        self._embedding_model, self._threads = embedding_model, threads
-        self._embedder: Optional[Embedder] = None
-        self._warned = ""
+        self._embedder = embedder
+        self._warned: Optional[str] = None
 
     def search(self, query: str, k: int, collections: Optional[Iterable[str]]) -> list[Hit]:
         try:
@@ -804,21 +844,25 @@ class Reader:
         return self._base.search(query, k, collections, vector=self._vector(self._base, query))
 
     def _vector(self, base: KnowledgeBase, query: str) -> Optional[np.ndarray]:
-        """The question's vector, when the passages have vectors from the configured model
-        (loaded at the first such question)."""
-        stored = base.embedding()
-        if self._embedding_model is None or stored is None:
+        """The question's vector, when the passages have vectors from the configured model;
+        None (the words alone) otherwise, or when embedding fails (logged once)."""
+        stored = base.embedding() if self._embedder is not None else None
+        if self._embedder is None or stored is None:
             return None
-        if self._embedder is None:
-            self._embedder = Embedder(self._embedding_model, self._threads)
         if stored != self._embedder.fingerprint:
             if self._warned != stored:  # once per file's model, not per question
                 log.warning("the knowledge base's vectors come from %s, not %s: searching "
-                            "without them until `edgeagent kb reindex`", stored.split()[0],
-                            self._embedding_model)  # fmt: skip
+                            "without them until `edgeagent kb reindex`", base._model_name(),
+                            self._embedder.path)  # fmt: skip
                 self._warned = stored
             return None
-        return self._embedder.embed(query[:MAX_QUERY_CHARS])
+        try:
+            return self._embedder.embed(query[:MAX_QUERY_CHARS], QUESTION_TOKENS)
+        except Exception:
+            if self._warned != "embed":
+                log.exception("embedding a question failed; searching by its words")
+                self._warned = "embed"
+            return None
 
     def close(self) -> None:
         if self._base is not None:

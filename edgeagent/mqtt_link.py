@@ -355,6 +355,8 @@ class MqttLink:
     def _named_topics(self) -> dict[str, list[str]]:
         """For the status: the topics with a schema, and those with a `kb` default."""
         out: dict[str, list[str]] = {}
+        if self.ask_kb is not None:
+            out["kb_topics"] = [self.topics.ask]
         for topic, named in self.named.items():
             if named.schema is not None:
                 out.setdefault("schema_topics", []).append(topic)
@@ -577,8 +579,14 @@ class MqttLink:
                 and not {"format", "grammar"} & set(obj)
             ):
                 obj["format"] = named.schema
-            # [mqtt.kb] "ask" is for every other request topic: ask, ask/deep, the group's ask.
-            topic_kb = named.kb if named is not None else self.ask_kb
+            # [mqtt.kb] "ask" is for every other request topic: ask, ask/deep, the group's ask,
+            # except for a machine's structured questions (they use the manuals when they ask,
+            # or on a named topic configured so).
+            topic_kb = (
+                named.kb if named is not None
+                else None if {"format", "grammar"} & set(obj)
+                else self.ask_kb
+            )  # fmt: skip
             if topic_kb is not None and obj.get("kb") is None:
                 obj["kb"] = list(topic_kb) if isinstance(topic_kb, tuple) else topic_kb
         if isinstance(obj, dict) and "reply_to" in obj:

@@ -32,6 +32,7 @@ INTERNAL = "internal"
 CLOUD_ERROR = "cloud_error"  # the cloud model could not answer an escalation
 INCOMPLETE = "incomplete"  # max_tokens (or a stop string) cut a structured answer short
 INVALID = "invalid"  # a whole JSON answer that its schema does not allow
+NOT_COVERED = "not_covered"  # a structured question the manuals do not cover (`kb`)
 ERROR_CODES = (
     BAD_REQUEST,
     BUSY,
@@ -42,6 +43,7 @@ ERROR_CODES = (
     CLOUD_ERROR,
     INCOMPLETE,
     INVALID,
+    NOT_COVERED,
 )
 
 REQUEST_FIELDS = {

@@ -197,7 +197,6 @@ def test_an_answer_from_the_manuals_shows_its_sources_first(
         "return Array.from(arguments[0].children).map(e => e.className)", answer
     )
     assert children.index("sources") < children.index("md"), children
-    assert browser.execute_script("return window.pwned") is None
     assert answer.find_elements(By.TAG_NAME, "img") == []
     shots = Path(os.environ.get("EDGEAGENT_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)

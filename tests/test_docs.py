@@ -37,7 +37,7 @@ SHELL_OPERATOR_RE = re.compile(r"^[|&;<>()]+$")
 # Keys whose value names a file or directory; Placeholders makes what stands in for each.
 FILE_KEYS = ("password_file", "api_key_file", "api_keys_file", "ca_file", "cert_file",
              "key_file", "tls_cert_file", "tls_key_file", "spool_path",
-             "prefix_cache_dir")  # fmt: skip
+             "prefix_cache_dir", "embedding_model")  # fmt: skip
 # Events the code sends to clients; the scan below must find at least these.
 CLIENT_EVENTS = {"token", "restart", "done", "error", "cloud_answer", "status", "cancel",
                  "reset", "result"}  # fmt: skip
@@ -89,6 +89,10 @@ class Placeholders:
         if key == "prefix_cache_dir":
             (self.root / "prefix").mkdir(exist_ok=True)
             return self.root / "prefix"
+        if key == "embedding_model":  # config check only looks for the file
+            path = self.root / "embed.gguf"
+            path.write_bytes(b"GGUF")
+            return path
         return self.root / "spool.sqlite"
 
     def tls(self) -> tuple[Path, Path]:

@@ -64,12 +64,18 @@ def test_citations_come_before_the_first_token_and_with_done(
 
 def test_a_question_the_manuals_do_not_cover_is_not_guessed(grounded: tuple[Daemon, Path]) -> None:
     daemon, _ = grounded
+    shape = {"type": "object", "properties": {"steps": {"type": "string"}}}
     with connect(daemon.socket_path) as c:
         events = ask(c, "n1", "How do I bake sourdough bread?", kb=True)
+        shaped = ask(c, "n2", "How do I bake sourdough bread?", kb=True, format=shape)
     done = events[-1]
     assert done["event"] == "done" and done["source"] == "kb", done
     assert done["finish_reason"] == "not_covered" and "do not cover" in done["text"]
     assert "usage" not in done  # the model was not asked
+    # A machine waiting for JSON of a shape gets an error, not prose in its place.
+    final = shaped[-1]
+    assert final["event"] == "error" and final["code"] == "not_covered", final
+    assert "do not cover" in final["message"]
 
 
 def test_a_manual_added_while_running_is_found_and_collections_filter(

@@ -4,6 +4,7 @@ third ranking in the fusion, and the daemon embeds the question when configured.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from edgeagent import kb
 from tests.conftest import Daemon, connect
-from tests.test_kb import MANUAL_HTML, MANUAL_MD
+from tests.test_kb import MANUAL_HTML, MANUAL_MD, MANUAL_ZH
 from tests.test_kb_daemon import add, ask
 
 
@@ -44,7 +45,7 @@ def test_every_passage_gets_a_vector_and_its_own_text_finds_it(
     base.add(docs / "press.html", "line-4")
     assert vectors(docs / "kb.sqlite") == base.stats()["passages"] > 3
     assert base.embedding() == embedder.fingerprint
-    assert embedder.fingerprint.startswith(f"{embedder.path.name} sha256:")
+    assert embedder.fingerprint == "sha256:" + kb.file_sha256(embedder.path)
     rows = base.db.execute("SELECT id, section, text FROM passages").fetchall()
     for pid, section, text in rows:
         v = embedder.embed(kb.passage_text(section, text))
@@ -57,13 +58,33 @@ def test_every_passage_gets_a_vector_and_its_own_text_finds_it(
     v = embedder.embed(kb.passage_text(press[1], press[2]))
     only_3 = base.search("", 4, ["line-3"], indexes=(kb.DENSE,), vector=v)
     assert only_3 and all(h.collection == "line-3" for h in only_3)
+    # What this connection adds after its first search is searched too (its own writes do
+    # not change its data_version: the vectors read before are dropped).
+    (docs / "filler.zh.md").write_text(MANUAL_ZH)
+    base.add(docs / "filler.zh.md", "line-3")
+    zh = base.db.execute(
+        "SELECT id, section, text FROM passages WHERE text LIKE '%星轮%'"
+    ).fetchone()
+    v_zh = embedder.embed(kb.passage_text(zh[1], zh[2]))
+    assert base.search("", 1, indexes=(kb.DENSE,), vector=v_zh)[0].id == zh[0]
+    base.remove("filler.zh.md")
     # Removing a document removes its passages' vectors.
     base.remove("press.html")
     assert vectors(docs / "kb.sqlite") == base.stats()["passages"]
+    assert all(h.collection == "line-3" for h in base.search("", 9, vector=v))
+    # Every document removed: no vectors, and no model asked of the next `kb add`.
+    base.remove("press.html")
+    base.remove("filler.md")
+    assert base.embedding() is None and base.search("", 3, vector=v) == []
     base.close()
+    plain = kb.KnowledgeBase(docs / "kb.sqlite")
+    plain.add(docs / "filler.md", "line-3")
+    plain.close()
 
 
-def test_all_vectors_come_from_one_model(docs: Path, embedder: kb.Embedder) -> None:
+def test_all_vectors_come_from_one_model(
+    docs: Path, embedder: kb.Embedder, caplog: pytest.LogCaptureFixture
+) -> None:
     path = docs / "kb.sqlite"
     plain = kb.KnowledgeBase(path)
     plain.add(docs / "filler.md", "line-3")
@@ -76,8 +97,22 @@ def test_all_vectors_come_from_one_model(docs: Path, embedder: kb.Embedder) -> N
     with_model.add(docs / "press.html", "line-4")
     assert vectors(path) == with_model.stats()["passages"]
     # Vectors from another model are never mixed with this one's.
-    with_model.db.execute("UPDATE meta SET value = 'other.gguf sha256:00' WHERE key = 'embedding'")
+    with_model.db.execute("UPDATE meta SET value = 'sha256:00' WHERE key = 'embedding'")
+    with_model.db.execute("UPDATE meta SET value = 'other.gguf' WHERE key = 'embedding_model'")
     with_model.db.commit()
+    reader = kb.Reader(path, embedder)
+    with caplog.at_level(logging.WARNING, logger="edgeagent.kb"):
+        assert reader.search("zqxv wvut", 3, None) == []  # by the words alone
+        reader.search("zqxv wvut", 3, None)
+    # Said once, not per question.
+    assert len(caplog.records) == 1, caplog.text
+    assert (
+        caplog.records[0]
+        .getMessage()
+        .startswith("the knowledge base's vectors come from other.gguf, not ")
+    )
+    reader._embedder = None  # the module's embedder outlives this reader
+    reader.close()
     with pytest.raises(kb.KbError, match=r"another model \(other.gguf\)"):
         with_model.add(docs / "filler.md", "line-5")
     with_model.reindex()
@@ -92,9 +127,7 @@ def test_all_vectors_come_from_one_model(docs: Path, embedder: kb.Embedder) -> N
     plain.close()
 
 
-def test_the_reader_ranks_by_the_vectors_when_configured(
-    docs: Path, model_file: Path, embedder: kb.Embedder
-) -> None:
+def test_the_reader_ranks_by_the_vectors_when_configured(docs: Path, embedder: kb.Embedder) -> None:
     """A question sharing no word with any passage: the words find nothing, the vectors
     always find the nearest passages (the daemon then answers "not covered" all the same:
     no passage holds the question's words)."""
@@ -106,9 +139,10 @@ def test_the_reader_ranks_by_the_vectors_when_configured(
     without = kb.Reader(docs / "kb.sqlite")
     assert without.search(question, 3, None) == []
     without.close()
-    reader = kb.Reader(docs / "kb.sqlite", model_file, threads=2)
-    hits = reader.search(question, 5, None)
+    reader = kb.Reader(docs / "kb.sqlite", embedder)
+    hits = reader.search(question, every + 3, None)
     assert len(hits) == every and all(h.matched == 0 for h in hits)
+    reader._embedder = None  # the module's embedder outlives this reader
     reader.close()
 
 

@@ -421,7 +421,9 @@ def test_kb_topics_give_requests_their_default_kb(loop: asyncio.AbstractEventLoo
         manuals,
         "edgeagent/press-3/ask/alarm",
     }
-    assert link._named_topics() == {"kb_topics": [manuals, "edgeagent/press-3/ask/alarm"]}
+    assert link._named_topics() == {
+        "kb_topics": ["edgeagent/press-3/ask", manuals, "edgeagent/press-3/ask/alarm"]
+    }
 
     def send(topic: str, payload: bytes) -> Any:
         link._inbound(topic, payload, "replies/r", b"c", 7, 1, False)
@@ -437,6 +439,9 @@ def test_kb_topics_give_requests_their_default_kb(loop: asyncio.AbstractEventLoo
     assert plain["kb"] == ["line-4"] and plain["prompt"] == "torque for the M8 bolts?"
     assert plain["stream"] is False
     assert send("edgeagent/press-3/ask/alarm", ask)["kb"] is False
+    # A machine's structured question uses the manuals only when it asks.
+    shaped = {"id": "f", "prompt": "hi", "format": {"type": "object"}}
+    assert "kb" not in send(link.topics.ask, json.dumps(shaped).encode())
     # Control operations are left as they are.
     assert "kb" not in send(link.topics.ask, json.dumps({"op": "status"}).encode())
     # Without a reply topic, a named topic's answer goes to answer/<name>.
