@@ -35,6 +35,15 @@ CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 SECRET_MAX_BYTES = 64 << 10  # MQTT caps a password at 65535 bytes; an API key is far shorter
 
 
+def state_dir() -> Path:
+    """Where edgeagent keeps its files (the escalation spool, the knowledge base): systemd's
+    $STATE_DIRECTORY (StateDirectory=), else $XDG_STATE_HOME or ~/.local/state, /edgeagent."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edgeagent"
+
+
 def _f(default: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
        choices: Optional[tuple[str, ...]] = None, doc: str = "") -> Any:  # fmt: skip
     return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc})

@@ -81,13 +81,25 @@ def cpu_temperature() -> Optional[float]:
     return round(max(readings), 1) if readings else None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Grounding:
+    """A question answered from the manuals: the passages shown (`citations`, also in `done`)
+    and, once the model is asked, the messages as asked (what its session keeps), the
+    messages the cloud may see (without the passages of private collections), and whether a
+    private passage was read (the session's turn is then private)."""
+
+    citations: list[dict[str, Any]]
+    asked: Optional[tuple[dict[str, str], ...]] = None
+    cloud: Optional[tuple[dict[str, str], ...]] = None
+    private: bool = False
+
+
 class _Inflight:
     """One accepted request until its final event: answered locally, by the cloud, or both."""
 
     __slots__ = (
-        "citations", "cloud_messages", "cloud_started", "cloud_streamed", "cloud_timer",
-        "deadline", "esc_id", "escalation", "finished", "job", "original", "private_passages",
-        "request", "sink", "timer",
+        "cloud_started", "cloud_streamed", "cloud_timer", "deadline", "esc_id", "escalation",
+        "finished", "grounding", "job", "request", "sink", "timer",
     )  # fmt: skip
 
     def __init__(self, request: Request, sink: ReplySink, deadline: float) -> None:
@@ -100,14 +112,7 @@ class _Inflight:
         self.cloud_timer: Optional[asyncio.TimerHandle] = None
         self.cloud_started = 0.0
         self.cloud_streamed = False  # cloud tokens went to the requester
-        self.citations: Optional[list[dict[str, Any]]] = None  # the passages it was given
-        # A grounded question: the messages as asked (what its session keeps), and whether a
-        # passage came from a private collection (the turn is then private in the session)
-        self.original: Optional[tuple[dict[str, str], ...]] = None
-        self.private_passages = False
-        # The messages the cloud gets, when not the request's own (a grounded question's,
-        # without the passages of private collections)
-        self.cloud_messages: Optional[tuple[dict[str, str], ...]] = None
+        self.grounding: Optional[_Grounding] = None  # answered from the manuals
 
 
 def escalation_id(node_id: str, sink: ReplySink, req: Request) -> str:
@@ -372,9 +377,10 @@ class Dispatcher:
         if entry.finished:
             return
         k = self.cfg.kb
-        entry.citations = kb.citations(hits)
+        cites = kb.citations(hits)
+        entry.grounding = _Grounding(cites)
         search_ms = round((time.monotonic() - started) * 1000, 1)
-        self._deliver(entry, {"event": "citations", "id": req.id, "citations": entry.citations,
+        self._deliver(entry, {"event": "citations", "id": req.id, "citations": cites,
                               "search_ms": search_ms})  # fmt: skip
         # Not covered when no passage holds enough of the question's words (a passage the
         # vectors found may come first and hold none of them).
@@ -396,15 +402,16 @@ class Dispatcher:
         room = (self.cfg.model.n_ctx - (req.max_tokens or self.cfg.model.max_tokens)) // 2
         numbered = list(enumerate(kb.fitting(hits, room), start=1))
         asked = {"role": "user", "content": kb.grounded_question(numbered, question)}
-        entry.original = req.messages
         entry.request = dataclasses.replace(req, messages=(*req.messages[:-1], asked))
         # Passages of private collections never leave the box; the others keep their numbers.
         shared = [(n, h) for n, h in numbered if h.collection not in k.private]
-        entry.private_passages = len(shared) < len(numbered)
-        entry.cloud_messages = (
-            *req.messages[:-1],
-            {"role": "user", "content": kb.grounded_question(shared, question)},
-        )
+        entry.grounding = _Grounding(
+            cites,
+            asked=req.messages,
+            cloud=(*req.messages[:-1],
+                   {"role": "user", "content": kb.grounded_question(shared, question)}),
+            private=len(shared) < len(numbered),
+        )  # fmt: skip
         if reason is None:
             self._ask_local(entry, self._want_confidence(req))
         else:
@@ -428,7 +435,8 @@ class Dispatcher:
         job = Job(req, emit, entry.deadline, client=sink.scope, priority=priority,
                   owner=sink.identity)  # fmt: skip
         job.want_confidence = want_confidence
-        job.remember, job.private_turn = entry.original, entry.private_passages
+        if entry.grounding is not None:
+            job.remember, job.private_turn = entry.grounding.asked, entry.grounding.private
         try:
             self.engine.submit(job)
         except (EngineBusy, EngineStopped) as exc:
@@ -512,9 +520,10 @@ class Dispatcher:
         """
         assert self.escalator is not None
         req, sink = entry.request, entry.sink
-        asked = list(req.messages if entry.cloud_messages is None else entry.cloud_messages)
+        g = entry.grounding
+        asked = list(g.cloud if g is not None and g.cloud is not None else req.messages)
         history = self.engine.shareable_history(sink.identity, req.session)
-        own = req.messages if entry.original is None else entry.original
+        own = g.asked if g is not None and g.asked is not None else req.messages
         turn = [*own, {"role": "assistant", "content": answered}]
         if answered is not None and history[-len(turn) :] == turn:
             history = history[: -len(turn)]
@@ -585,7 +594,8 @@ class Dispatcher:
             self._ask_local(entry)
             return
         text = event.get("text", "")
-        asked = req.messages if entry.original is None else entry.original
+        g = entry.grounding
+        asked = g.asked if g is not None and g.asked is not None else req.messages
         self.engine.record_turn(entry.sink.identity, req.session, asked, text)
         now = time.monotonic()
         entry.escalation["status"] = "answered"
@@ -672,8 +682,8 @@ class Dispatcher:
         entry.finished = True
         if entry.timer:
             entry.timer.cancel()
-        if event["event"] == "done" and entry.citations is not None:
-            event["citations"] = entry.citations
+        if event["event"] == "done" and entry.grounding is not None:
+            event["citations"] = entry.grounding.citations
         if event["event"] == "done" and entry.escalation is not None:
             event["escalation"] = entry.escalation
         elif event["event"] == "done" and entry.job is not None and entry.job.want_confidence:

@@ -26,7 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent import protocol
 from edgeagent import spool as sp
-from edgeagent.config import Config
+from edgeagent.config import Config, state_dir
 from edgeagent.mqtt_client import (
     connect_failure,
     connect_properties,
@@ -256,12 +256,7 @@ def _cloud_fields(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def default_spool_path() -> Path:
-    import os  # noqa: PLC0415
-
-    if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "escalations.sqlite"
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "edgeagent" / "escalations.sqlite"
+    return state_dir() / "escalations.sqlite"
 
 
 def followup_event(entry: Entry) -> dict[str, Any]:

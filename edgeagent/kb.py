@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
+from edgeagent.config import state_dir
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -519,10 +521,7 @@ def passage_text(section: str, text: str) -> str:
 
 
 def default_kb_path() -> Path:
-    if os.environ.get("STATE_DIRECTORY"):
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "kb.sqlite"
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "edgeagent" / "kb.sqlite"
+    return state_dir() / "kb.sqlite"
 
 
 class KnowledgeBase:

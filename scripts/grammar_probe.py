@@ -20,16 +20,8 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from edgeagent import models
 from edgeagent.decoder import BatchDecoder
+from tests.test_structured import ALARM as SCHEMA  # the suite's alarm schema
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "alarm": {"type": "string"},
-        "severity": {"enum": ["low", "medium", "high"]},
-        "checks": {"type": "array", "items": {"type": "string"}},
-    },
-    "required": ["alarm", "severity", "checks"],
-}
 QUESTION = (
     "Filler 3 shows alarm F17: low air pressure at the capper. Answer as JSON with the "
     "alarm, its severity and the checks to make."

@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import Conn, Daemon, Process, connect, openai_stand_in
 from tests.mqtt_helpers import Broker, Requester, free_port
+from tests.structured_prompts import ALARM
 
 STAND_IN = "stand-in-llama3-8b"
 NODE = "esc-node"
@@ -151,17 +152,8 @@ For recipe ZX-SECRET-7731 the press P4 hydraulic oil is held at 58 C.
 """
 
 
-# What line equipment wants back for an alarm (docs/mqtt.md's worked example).
-ALARM = {
-    "type": "object",
-    "properties": {
-        "severity": {"enum": ["info", "check", "stop_line"]},
-        "cause": {"type": "string", "maxLength": 80},
-        "next_check": {"type": "string", "maxLength": 80},
-    },
-    "required": ["severity", "cause", "next_check"],
-    "additionalProperties": False,
-}
+# What line equipment wants back for an alarm (docs/mqtt.md's worked example): ALARM, from
+# the fifty factory questions' schemas.
 
 
 def assert_alarm(value: Any) -> None:
