@@ -8,6 +8,11 @@ trigram index, and both fused (what the daemon uses). No model: this is the sear
     .venv/bin/python scripts/bench_kb.py --daemon   # and a daemon with the model
     .venv/bin/python scripts/bench_kb.py --embedding-model M.gguf [--manuals a,b]
                                                     # and with vectors from M (slow to index)
+    .venv/bin/python scripts/bench_kb.py --data DIR # your own manuals (below)
+
+--data DIR: each manual is DIR/NAME.{md,txt,html,pdf} beside DIR/NAME.questions.json, a JSON
+list of {"q": question, "fact": text its passage must hold, "section": the innermost heading
+it lives under}, as in tests/kb_data.
 
 With --daemon: the manuals copied into collections until some 10,000 passages are indexed,
 then, through a real daemon over its socket, for `--per-manual` questions of each manual,
@@ -41,7 +46,21 @@ MANUALS = ["systemd.exec", "systemd.service", "mosquitto.conf", "systemctl.zh"]
 WAYS = {"words": ("words",), "trigram": ("grams",), "both (fused)": kb.TABLES}
 
 
-def search_only(manuals: list[str], embedding_model: Optional[Path] = None) -> int:
+def manual_file(data: Path, name: str) -> Path:
+    """The document of manual `name` in `data`, whichever of the formats it is in."""
+    for ext in kb.FORMATS:
+        if (data / f"{name}{ext}").is_file():
+            return data / f"{name}{ext}"
+    raise SystemExit(f"{data}: no document for {name}.questions.json")
+
+
+def manuals_in(data: Path) -> list[str]:
+    if data == DATA:
+        return MANUALS
+    return sorted(p.name.removesuffix(".questions.json") for p in data.glob("*.questions.json"))
+
+
+def search_only(data: Path, manuals: list[str], embedding_model: Optional[Path] = None) -> int:
     """Recall per manual and per index; with `embedding_model`, also the vectors alone and
     all three rankings fused (the question's embedding counted in the search time)."""
     embedder = kb.Embedder(embedding_model, os.cpu_count() or 1) if embedding_model else None
@@ -53,7 +72,7 @@ def search_only(manuals: list[str], embedding_model: Optional[Path] = None) -> i
         base = kb.KnowledgeBase(Path(tmp) / "kb.sqlite", embedder=embedder)
         for name in manuals:
             t0 = time.perf_counter()
-            title, n, _ = base.add(DATA / f"{name}.html", "manuals")
+            title, n, _ = base.add(manual_file(data, name), "manuals")
             print(f"{name}: {title}, {n} passages, indexed in {time.perf_counter() - t0:.2f} s")
         print()
         print("| manual | questions | index | section@1 | section@3 | fact@1 | fact@3 | "
@@ -61,7 +80,7 @@ def search_only(manuals: list[str], embedding_model: Optional[Path] = None) -> i
         print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
         worst = 1.0
         for name in manuals:
-            questions = json.loads((DATA / f"{name}.questions.json").read_text())
+            questions = json.loads((data / f"{name}.questions.json").read_text())
             for way, indexes in ways.items():
                 sec1 = sec3 = fact1 = fact3 = 0
                 times = []
@@ -111,7 +130,7 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def with_daemon(per_manual: int, target: int) -> int:
+def with_daemon(data: Path, manuals: list[str], per_manual: int, target: int) -> int:
     from edgeagent import models
 
     model_file = models.fetch(models.load_manifest().get(models.load_manifest().default))
@@ -121,10 +140,11 @@ def with_daemon(per_manual: int, target: int) -> int:
         copies = 0
         t0 = time.perf_counter()
         while base.stats()["passages"] < target:
-            for name in MANUALS:  # the same manual under another path: indexed again
-                copy = work / f"copy{copies}" / f"{name}.html"
+            for name in manuals:  # the same manual under another path: indexed again
+                source = manual_file(data, name)
+                copy = work / f"copy{copies}" / source.name
                 copy.parent.mkdir(exist_ok=True)
-                copy.write_bytes((DATA / f"{name}.html").read_bytes())
+                copy.write_bytes(source.read_bytes())
                 base.add(copy, "manuals" if copies == 0 else f"copy-{copies}")
             copies += 1
         passages = base.stats()["passages"]
@@ -155,8 +175,8 @@ def with_daemon(per_manual: int, target: int) -> int:
                 for way in ("with kb", "without")
             }  # fmt: skip
             n = 0
-            for name in MANUALS:
-                questions = json.loads((DATA / f"{name}.questions.json").read_text())
+            for name in manuals:
+                questions = json.loads((data / f"{name}.questions.json").read_text())
                 for q in questions[:per_manual]:
                     for way in ("with kb", "without"):
                         n += 1
@@ -173,7 +193,7 @@ def with_daemon(per_manual: int, target: int) -> int:
                         r["total"].append(got["total_ms"])
                         r["fact"].append(float(q["fact"].lower() in final.get("text", "").lower()))
             # The same question again: the passages' cells are kept.
-            q0 = json.loads((DATA / f"{MANUALS[0]}.questions.json").read_text())[0]["q"]
+            q0 = json.loads((data / f"{manuals[0]}.questions.json").read_text())[0]["q"]
             again = []
             for i in range(2):
                 got = ask(sock, reader, {"id": f"again{i}", "prompt": q0, "kb": ["manuals"],
@@ -206,11 +226,16 @@ def main() -> int:
     ap.add_argument("--per-manual", type=int, default=10, help="--daemon: questions per manual")
     ap.add_argument("--passages", type=int, default=10_000, help="--daemon: passages indexed")
     ap.add_argument("--embedding-model", type=Path, help="an embedding GGUF: rank by vectors too")
-    ap.add_argument("--manuals", default=",".join(MANUALS), help="of tests/kb_data, by commas")
+    ap.add_argument("--data", type=Path, default=DATA, help="manuals and their questions")
+    ap.add_argument("--manuals", help="which of them, by commas (default: all)")
     args = ap.parse_args()
-    rc = search_only(args.manuals.split(","), args.embedding_model)
+    data = args.data.resolve()
+    manuals = args.manuals.split(",") if args.manuals else manuals_in(data)
+    if not manuals:
+        raise SystemExit(f"{data}: no NAME.questions.json files")
+    rc = search_only(data, manuals, args.embedding_model)
     if args.daemon:
-        rc |= with_daemon(args.per_manual, args.passages)
+        rc |= with_daemon(data, manuals, args.per_manual, args.passages)
     return rc
 
 
