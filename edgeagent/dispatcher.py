@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -178,7 +179,12 @@ class Dispatcher:
         # The knowledge base: one thread owns its read-only connection.
         self._kb = kb.Reader(Path(cfg.kb.path) if cfg.kb.path else kb.default_kb_path(), embedder)
         self._kb_pending = 0  # searches waiting for the kb thread (a question's vector takes time)
+        # What the box holds (kb.Reader.info), kept by the kb thread for status and /metrics.
+        self.kb_info: dict[str, Any] = {}
+        self._kb_search_ms: collections.deque[float] = collections.deque(maxlen=1000)
+        self._kb_searches = 0
         self._kb_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-kb")
+        self.refresh_kb_info()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- entry points for transports (event loop only) ------------------------------------
@@ -340,7 +346,33 @@ class Dispatcher:
         """The passages for a question (on the kb thread, which owns the connection)."""
         if entry.finished:  # cancelled or past its deadline while it waited for the thread
             return []
-        return self._kb.search(question, self.cfg.kb.top_k, collections or None)
+        try:
+            return self._kb.search(question, self.cfg.kb.top_k, collections or None)
+        finally:
+            self._kb_info()
+
+    def _kb_info(self) -> None:
+        """On the kb thread: what the box holds now (a damaged file is a search's error)."""
+        try:
+            self.kb_info = self._kb.info()
+        except Exception:
+            log.debug("reading the knowledge base's size failed", exc_info=True)
+
+    def refresh_kb_info(self) -> None:
+        """Have the kb thread look at the file again (after the start, at each status)."""
+        if self._kb_pending < self.cfg.engine.queue_size:
+            with contextlib.suppress(RuntimeError):  # the thread is gone: the daemon stops
+                self._kb_thread.submit(self._kb_info)
+
+    def kb_status(self) -> dict[str, Any]:
+        self.refresh_kb_info()  # seen by the next status: a `kb add` shows without a question
+        return {
+            **self.kb_info,
+            "searches": self._kb_searches,
+            "search_ms_p50": percentile(self._kb_search_ms, 50),
+            "search_ms_p95": percentile(self._kb_search_ms, 95),
+            "waiting": self._kb_pending,
+        }
 
     def close(self) -> None:
         """After the drain: the knowledge base's thread and connection."""
@@ -380,6 +412,8 @@ class Dispatcher:
         cites = kb.citations(hits)
         entry.grounding = _Grounding(cites)
         search_ms = round((time.monotonic() - started) * 1000, 1)
+        self._kb_searches += 1
+        self._kb_search_ms.append(search_ms)
         self._deliver(entry, {"event": "citations", "id": req.id, "citations": cites,
                               "search_ms": search_ms})  # fmt: skip
         # Not covered when no passage holds enough of the question's words (a passage the
@@ -735,7 +769,16 @@ class Dispatcher:
                 len(self._inflight),
             ),
             "edgeagent_sessions": ("Conversations kept for follow-ups", len(eng.sessions)),
+            "edgeagent_kb_documents": (
+                "Manuals in the knowledge base (as last read)",
+                self.kb_info.get("documents", 0),
+            ),
+            "edgeagent_kb_passages": (
+                "Passages in the knowledge base (as last read)",
+                self.kb_info.get("passages", 0),
+            ),
         }
+        self.refresh_kb_info()
         mqtt = self.status_sections.get("mqtt")
         if mqtt is not None:
             connected = float(bool(mqtt().get("connected")))
@@ -828,6 +871,7 @@ class Dispatcher:
             "slots": eng.slots_status(),
             "sessions": len(eng.sessions),
             "session_kv_mb": round(eng.sessions.kv_bytes() / 1e6, 1),
+            "kb": self.kb_status(),
             "uptime_s": round(time.monotonic() - stats.started, 1),
             "rss_mb": round(self._process.memory_info().rss / 1e6, 1),
             "requests_served": stats.served,

@@ -829,7 +829,7 @@ class Reader:
         self._embedder = embedder
         self._warned: Optional[str] = None
 
-    def search(self, query: str, k: int, collections: Optional[Iterable[str]]) -> list[Hit]:
+    def _open(self) -> KnowledgeBase:
         try:
             st = self.path.stat()
         except FileNotFoundError:
@@ -840,7 +840,24 @@ class Reader:
         if self._base is None:
             self._base = KnowledgeBase(self.path, readonly=True)
             self._ident = (st.st_dev, st.st_ino)
-        return self._base.search(query, k, collections, vector=self._vector(self._base, query))
+        return self._base
+
+    def search(self, query: str, k: int, collections: Optional[Iterable[str]]) -> list[Hit]:
+        base = self._open()
+        return base.search(query, k, collections, vector=self._vector(base, query))
+
+    def info(self) -> dict[str, Any]:
+        """What the box holds, for its status: documents, passages, the vectors' model."""
+        out: dict[str, Any] = {"path": str(self.path), "documents": 0, "passages": 0,
+                               "vectors": None}  # fmt: skip
+        try:
+            base = self._open()
+        except KbError:
+            return out
+        out.update(base.stats())
+        if base.embedding() is not None:
+            out["vectors"] = base._model_name()
+        return out
 
     def _vector(self, base: KnowledgeBase, query: str) -> Optional[np.ndarray]:
         """The question's vector, when the passages have vectors from the configured model;

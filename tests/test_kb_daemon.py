@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,15 @@ def test_a_manual_added_while_running_is_found_and_collections_filter(
     daemon, work = grounded
     (work / "press.html").write_text(MANUAL_HTML)
     add(Path(str(work / "kb.sqlite")), work / "press.html", "line-4")
+    # The status says what the box holds, without a question (a fleet's check).
+    with connect(daemon.socket_path) as c:
+        deadline = time.monotonic() + 30
+        while (kb_status := c.op("status")["kb"])["documents"] != 2:
+            assert time.monotonic() < deadline, kb_status
+            time.sleep(0.05)
+    assert kb_status["passages"] >= 4 and kb_status["vectors"] is None, kb_status
+    assert kb_status["path"] == str(work / "kb.sqlite") and kb_status["waiting"] == 0
+    assert kb_status["searches"] >= 1 and kb_status["search_ms_p95"] is not None
     with connect(daemon.socket_path) as c:
         found = ask(c, "a1", "What does alarm E042 mean on the press?", kb=True)
         only_3 = ask(c, "a2", "What does alarm E042 mean on the press?", kb=["line-3"])
