@@ -288,6 +288,46 @@ def daemon_factory(
         d.stop()
 
 
+def kb_add(db: Path, doc: Path, collection: str, config: Optional[Path] = None) -> None:
+    """`edgeagent kb add`, the real command, into the knowledge base `db`."""
+    command = [sys.executable, "-m", "edgeagent", "kb", "add", str(doc)]
+    command += ["--collection", collection, "--db", str(db)]
+    command += ["--config", str(config)] if config is not None else []
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+
+# A kiosk's manual whose passage holds markup: shown as text like the model's words.
+LABELS_MD = """# Labeller L2 manual
+
+## Label roll change
+
+Change the label roll when the low-roll lamp is lit. Thread the web under the
+<img src=x onerror="window.pwned=1"> peel plate, then press RESET twice.
+"""
+
+
+@pytest.fixture(scope="session")
+def manuals_daemon(
+    daemon_factory: Callable[..., Daemon], model_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Daemon:  # fmt: skip
+    """A box whose HTTP requests are answered from its manuals unless they say otherwise,
+    with vectors (the model itself as the embedding model): the labeller's manual and the
+    filler's (tests/test_kb.py), loaded by `edgeagent kb add` with the box's config."""
+    from tests.test_kb import MANUAL_MD  # noqa: PLC0415
+
+    work = tmp_path_factory.mktemp("manuals")
+    (work / "labeller.md").write_text(LABELS_MD)
+    (work / "filler.md").write_text(MANUAL_MD)
+    cfg = work / "kb.toml"
+    cfg.write_text(f'[kb]\nembedding_model = "{model_file}"\n')
+    for doc, collection in (("labeller.md", "line-2"), ("filler.md", "line-3")):
+        kb_add(work / "kb.sqlite", work / doc, collection, config=cfg)
+    extra = (f'[kb]\npath = "{work / "kb.sqlite"}"\nfront_ends = ["http"]\n'
+             f'embedding_model = "{model_file}"\n')  # fmt: skip
+    return daemon_factory(node_id="kiosk-kb", extra=extra)
+
+
 @pytest.fixture(scope="session")
 def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     """The shared daemon most end-to-end tests talk to."""

@@ -22,7 +22,6 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
 from tests.conftest import Daemon
-from tests.test_kb_daemon import add
 
 TIMEOUT_S = 120
 
@@ -150,28 +149,6 @@ def test_markup_in_an_answer_is_shown_as_text_and_never_runs(page: webdriver.Chr
     with pytest.raises(NoAlertPresentException):
         _ = page.switch_to.alert.text
     no_page_errors(page)
-
-
-# A manual whose passage holds markup: it must be shown as text like the model's words.
-LABELS_MD = """# Labeller L2 manual
-
-## Label roll change
-
-Change the label roll when the low-roll lamp is lit. Thread the web under the
-<img src=x onerror="window.pwned=1"> peel plate, then press RESET twice.
-"""
-
-
-@pytest.fixture(scope="module")
-def manuals_daemon(
-    daemon_factory: Callable[..., Daemon], tmp_path_factory: pytest.TempPathFactory
-) -> Daemon:
-    """A box whose HTTP requests are answered from its manuals unless they say otherwise."""
-    work = tmp_path_factory.mktemp("manuals")
-    (work / "labeller.md").write_text(LABELS_MD)
-    add(work / "kb.sqlite", work / "labeller.md", "line-2")
-    extra = f'[kb]\npath = "{work / "kb.sqlite"}"\nfront_ends = ["http"]\n'
-    return daemon_factory(node_id="kiosk-kb", extra=extra)
 
 
 def test_an_answer_from_the_manuals_shows_its_sources_first(

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import openai
 import pytest
 
-from tests.conftest import Conn, Daemon, connect
+from tests.conftest import Conn, Daemon, connect, kb_add
 from tests.test_kb import MANUAL_HTML, MANUAL_MD
 
 
@@ -31,11 +29,7 @@ def grounded(
     yield d, work
 
 
-def add(db: Path, doc: Path, collection: str, config: Optional[Path] = None) -> None:
-    command = [sys.executable, "-m", "edgeagent", "kb", "add", str(doc)]
-    command += ["--collection", collection, "--db", str(db)]
-    command += ["--config", str(config)] if config is not None else []
-    subprocess.run(command, check=True, capture_output=True, timeout=60)
+add = kb_add  # `edgeagent kb add`, the real command
 
 
 def ask(conn: Conn, rid: str, prompt: str, **fields: Any) -> list[dict[str, Any]]:

@@ -8,14 +8,13 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from edgeagent import kb
 from tests.conftest import Daemon, connect
 from tests.test_kb import MANUAL_HTML, MANUAL_MD, MANUAL_ZH
-from tests.test_kb_daemon import add, ask
+from tests.test_kb_daemon import ask
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +146,16 @@ def test_the_reader_ranks_by_the_vectors_when_configured(docs: Path, embedder: k
 
 
 def test_a_daemon_with_an_embedding_model_answers_from_the_manuals(
-    daemon_factory: Callable[..., Daemon], model_file: Path, tmp_path: Path
+    manuals_daemon: Daemon,
 ) -> None:
-    (tmp_path / "filler.md").write_text(MANUAL_MD)
-    cfg = tmp_path / "kb.toml"
-    cfg.write_text(f'[kb]\nembedding_model = "{model_file}"\n')
-    db = tmp_path / "kb.sqlite"
-    add(db, tmp_path / "filler.md", "line-3", config=cfg)
-    assert vectors(db) > 0
-    extra = f'[kb]\npath = "{db}"\nembedding_model = "{model_file}"\n'
-    d = daemon_factory(node_id="kb-dense", extra=extra)
-    with connect(d.socket_path) as c:
+    """The shared manuals daemon: its file was filled by `edgeagent kb add` with the config's
+    embedding model, which the daemon loaded at start."""
+    with connect(manuals_daemon.socket_path) as c:
         events = ask(c, "d1", "What torque for the M8 flange bolts?", kb=True, max_tokens=8)
         unknown = ask(c, "d2", "zqxv wvut?", kb=True)
+        status = c.op("status")["kb"]
     assert events[0]["event"] == "citations" and events[-1]["event"] == "done", events
     assert "25 Nm" in events[0]["citations"][0]["text"]
+    # Found by its vector alone (no word in common), shown, and still not covered.
     assert unknown[0]["citations"] and unknown[-1]["finish_reason"] == "not_covered", unknown
+    assert status["vectors"] and status["vectors"].endswith(".gguf"), status
