@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -180,7 +179,8 @@ class Dispatcher:
         self._kb = kb.Reader(Path(cfg.kb.path) if cfg.kb.path else kb.default_kb_path(), embedder)
         self._kb_pending = 0  # searches waiting for the kb thread (a question's vector takes time)
         # What the box holds (kb.Reader.info), kept by the kb thread for status and /metrics.
-        self.kb_info: dict[str, Any] = {}
+        self.kb_info: dict[str, Any] = {**kb.Reader.EMPTY, "path": str(self._kb.path)}
+        self._kb_info_queued = False
         self._kb_search_ms: collections.deque[float] = collections.deque(maxlen=1000)
         self._kb_searches = 0
         self._kb_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ea-kb")
@@ -352,17 +352,26 @@ class Dispatcher:
             self._kb_info()
 
     def _kb_info(self) -> None:
-        """On the kb thread: what the box holds now (a damaged file is a search's error)."""
+        """On the kb thread: what the box holds now (a damaged file: zeros and the error;
+        its searches report it)."""
         try:
             self.kb_info = self._kb.info()
-        except Exception:
+        except Exception as exc:
             log.debug("reading the knowledge base's size failed", exc_info=True)
+            self.kb_info = {**kb.Reader.EMPTY, "path": str(self._kb.path), "error": str(exc)}
+        finally:
+            self._kb_info_queued = False
 
     def refresh_kb_info(self) -> None:
-        """Have the kb thread look at the file again (after the start, at each status)."""
-        if self._kb_pending < self.cfg.engine.queue_size:
-            with contextlib.suppress(RuntimeError):  # the thread is gone: the daemon stops
-                self._kb_thread.submit(self._kb_info)
+        """Have the kb thread look at the file again (after the start, at each status and
+        scrape): one such look waits at a time, and none beside a full queue of searches."""
+        if self._kb_info_queued or self._kb_pending >= self.cfg.engine.queue_size:
+            return
+        self._kb_info_queued = True
+        try:
+            self._kb_thread.submit(self._kb_info)
+        except RuntimeError:  # the thread is gone: the daemon stops
+            self._kb_info_queued = False
 
     def kb_status(self) -> dict[str, Any]:
         self.refresh_kb_info()  # seen by the next status: a `kb add` shows without a question
@@ -376,8 +385,10 @@ class Dispatcher:
 
     def close(self) -> None:
         """After the drain: the knowledge base's thread and connection."""
+        # Not cancel_futures: that would cancel the close too. What is queued is quick (a
+        # search of a finished request returns at once).
         self._kb_thread.submit(self._kb.close)
-        self._kb_thread.shutdown(wait=True, cancel_futures=True)
+        self._kb_thread.shutdown(wait=True)
 
     async def _ground(self, entry: _Inflight, collections: tuple[str, ...],
                       reason: Optional[policy.Reason]) -> None:  # fmt: skip

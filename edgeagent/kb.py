@@ -816,9 +816,10 @@ class KnowledgeBase:
 
 
 class Reader:
-    """The daemon's read-only view of the knowledge base: the file opened at the first search
-    (so manuals loaded after the start are found), and again when it was replaced (removed
-    and loaded anew). One thread uses it."""
+    """The daemon's read-only view of the knowledge base: the file opened when first needed
+    (a search, or its size for the status; manuals loaded after the start are found), and
+    again when it was replaced (removed and loaded anew, or copied over). One thread uses
+    it."""
 
     def __init__(self, path: Path, embedder: Optional[Embedder] = None) -> None:
         """`embedder`: the question's vector is searched too, when the passages have vectors
@@ -836,7 +837,8 @@ class Reader:
             raise KbError(f"this box has no knowledge base yet ({self.path}); "
                           "load manuals with `edgeagent kb add FILE...`") from None  # fmt: skip
         if self._base is not None and self._ident != (st.st_dev, st.st_ino):
-            self.close()
+            self._base.close()  # replaced: opened anew (the embedder stays)
+            self._base = None
         if self._base is None:
             self._base = KnowledgeBase(self.path, readonly=True)
             self._ident = (st.st_dev, st.st_ino)
@@ -846,10 +848,11 @@ class Reader:
         base = self._open()
         return base.search(query, k, collections, vector=self._vector(base, query))
 
+    EMPTY: ClassVar[dict[str, Any]] = {"documents": 0, "passages": 0, "vectors": None}
+
     def info(self) -> dict[str, Any]:
         """What the box holds, for its status: documents, passages, the vectors' model."""
-        out: dict[str, Any] = {"path": str(self.path), "documents": 0, "passages": 0,
-                               "vectors": None}  # fmt: skip
+        out: dict[str, Any] = {"path": str(self.path), **self.EMPTY}
         try:
             base = self._open()
         except KbError:
@@ -881,6 +884,7 @@ class Reader:
             return None
 
     def close(self) -> None:
+        """At the daemon's stop: the file, and the embedding model."""
         if self._base is not None:
             self._base.close()
             self._base = None

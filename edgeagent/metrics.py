@@ -32,7 +32,8 @@ TOTAL_BUCKETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 # Label values come from edgeagent's own vocabulary, never from what a client sent; anything
 # else is counted as "other", so a label's values stay few.
 OUTCOMES = {"local", "cloud", "queued", "kb", "bad_request", "busy", "too_long", "timeout",
-            "cancelled", "internal", "cloud_error", "incomplete", "invalid"}  # fmt: skip
+            "cancelled", "internal", "cloud_error", "incomplete", "invalid",
+            "not_covered"}  # fmt: skip
 CACHE_KINDS = {"none", "slot", "copied", "session", "ram", "prefix-computed", "prefix-disk"}
 ESCALATION_STATUSES = {"answered", "queued", "offline", "timeout", "refused", "error",
                        "cloud_error", "invalid"}  # fmt: skip

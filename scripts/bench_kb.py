@@ -86,7 +86,11 @@ def search_only(data: Path, manuals: list[str], embedding_model: Optional[Path] 
                 times = []
                 for q in questions:
                     t0 = time.perf_counter()
-                    vector = embedder.embed(q["q"]) if kb.DENSE in indexes and embedder else None
+                    vector = (
+                        embedder.embed(q["q"][: kb.MAX_QUERY_CHARS], kb.QUESTION_TOKENS)
+                        if kb.DENSE in indexes and embedder
+                        else None
+                    )  # as the daemon embeds a question
                     hits = base.search(q["q"], 3, indexes=indexes, vector=vector)
                     times.append((time.perf_counter() - t0) * 1000)
                     in_section = [h.section.split(" > ")[-1] == q["section"] for h in hits]

@@ -70,7 +70,8 @@ def test_every_passage_gets_a_vector_and_its_own_text_finds_it(
     # Removing a document removes its passages' vectors.
     base.remove("press.html")
     assert vectors(docs / "kb.sqlite") == base.stats()["passages"]
-    assert all(h.collection == "line-3" for h in base.search("", 9, vector=v))
+    left = base.search("", 9, vector=v)
+    assert left and all(h.collection == "line-3" for h in left)
     # Every document removed: no vectors, and no model asked of the next `kb add`.
     base.remove("press.html")
     base.remove("filler.md")
@@ -141,6 +142,14 @@ def test_the_reader_ranks_by_the_vectors_when_configured(docs: Path, embedder: k
     reader = kb.Reader(docs / "kb.sqlite", embedder)
     hits = reader.search(question, every + 3, None)
     assert len(hits) == every and all(h.matched == 0 for h in hits)
+    assert reader.info()["vectors"] == embedder.path.name
+    # The file removed and loaded anew (or copied over): opened again, vectors and all.
+    (docs / "kb.sqlite").unlink()
+    base = kb.KnowledgeBase(docs / "kb.sqlite", embedder=embedder)
+    base.add(docs / "press.html", "line-4")
+    base.close()
+    again = reader.search(question, 9, None)
+    assert again and all(h.doc == "Press P4" for h in again), again
     reader._embedder = None  # the module's embedder outlives this reader
     reader.close()
 
