@@ -307,10 +307,10 @@ Change the label roll when the low-roll lamp is lit. Thread the web under the
 
 
 @pytest.fixture(scope="session")
-def manuals_daemon(
+def manuals(
     daemon_factory: Callable[..., Daemon], model_file: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Daemon:  # fmt: skip
+) -> tuple[Daemon, Path]:  # fmt: skip
     """A box whose HTTP requests are answered from its manuals unless they say otherwise,
     with vectors (the model itself as the embedding model): the labeller's manual and the
     filler's (tests/test_kb.py), loaded by `edgeagent kb add` with the box's config."""
@@ -325,7 +325,12 @@ def manuals_daemon(
         kb_add(work / "kb.sqlite", work / doc, collection, config=cfg)
     extra = (f'[kb]\npath = "{work / "kb.sqlite"}"\nfront_ends = ["http"]\n'
              f'embedding_model = "{model_file}"\n')  # fmt: skip
-    return daemon_factory(node_id="kiosk-kb", extra=extra)
+    return daemon_factory(node_id="kiosk-kb", extra=extra), work
+
+
+@pytest.fixture(scope="session")
+def manuals_daemon(manuals: tuple[Daemon, Path]) -> Daemon:
+    return manuals[0]
 
 
 @pytest.fixture(scope="session")

@@ -181,6 +181,8 @@ def test_an_answer_from_the_manuals_shows_its_sources_first(
     # Switched off, the same question is answered without them.
     manuals.click()
     plain = ask(browser, "How do I change the label roll on the labeller?")
-    watch(plain)
-    assert plain.find_elements(By.CLASS_NAME, "sources") == []
+    until(lambda: plain.find_element(By.CLASS_NAME, "md").text)  # its words have begun...
+    assert plain.find_elements(By.CLASS_NAME, "sources") == []  # ...with no sources first
+    browser.find_element(By.ID, "stop").click()
+    until(lambda: plain.get_attribute("data-state") == "stopped")
     no_page_errors(browser)

@@ -6,27 +6,21 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import openai
 import pytest
 
 from tests.conftest import Conn, Daemon, connect, kb_add
-from tests.test_kb import MANUAL_HTML, MANUAL_MD
+from tests.test_kb import MANUAL_HTML
 
 
-@pytest.fixture(scope="module")
-def grounded(
-    daemon_factory: Callable[..., Daemon], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Daemon, Path]]:
-    work = tmp_path_factory.mktemp("kb")
-    (work / "filler.md").write_text(MANUAL_MD)
-    db = work / "kb.sqlite"
-    add(db, work / "filler.md", "line-3")
-    d = daemon_factory(node_id="kb-node", extra=f'[kb]\npath = "{db}"\nfront_ends = ["mqtt"]\n')
-    yield d, work
+@pytest.fixture
+def grounded(manuals: tuple[Daemon, Path]) -> tuple[Daemon, Path]:
+    """The suite's box with manuals (conftest `manuals`): the filler's in line-3 and the
+    labeller's in line-2, with vectors; its HTTP requests use them by default."""
+    return manuals
 
 
 add = kb_add  # `edgeagent kb add`, the real command
@@ -78,14 +72,14 @@ def test_a_manual_added_while_running_is_found_and_collections_filter(
 ) -> None:
     daemon, work = grounded
     (work / "press.html").write_text(MANUAL_HTML)
-    add(Path(str(work / "kb.sqlite")), work / "press.html", "line-4")
+    add(work / "kb.sqlite", work / "press.html", "line-4", config=work / "kb.toml")
     # The status says what the box holds, without a question (a fleet's check).
     with connect(daemon.socket_path) as c:
         deadline = time.monotonic() + 30
-        while (kb_status := c.op("status")["kb"])["documents"] != 2:
+        while (kb_status := c.op("status")["kb"])["documents"] != 3:
             assert time.monotonic() < deadline, kb_status
             time.sleep(0.05)
-    assert kb_status["passages"] >= 4 and kb_status["vectors"] is None, kb_status
+    assert kb_status["passages"] >= 5 and kb_status["vectors"], kb_status
     assert kb_status["path"] == str(work / "kb.sqlite") and kb_status["waiting"] == 0
     assert kb_status["searches"] >= 1 and kb_status["search_ms_p95"] is not None
     with connect(daemon.socket_path) as c:
@@ -102,7 +96,7 @@ def test_a_stock_client_streams_the_citations_before_the_first_token(
 ) -> None:
     """Over HTTP, the OpenAI SDK reads the passages from a chunk with an empty delta before
     the answer's first words, and again beside the finish reason; `kb` is an extra body field
-    (this box's HTTP requests do not use the manuals unless they ask: /health says so)."""
+    (this box's HTTP requests use the manuals unless they say otherwise: /health says so)."""
     daemon, _ = grounded
     sdk = openai.OpenAI(base_url=f"{daemon.http_url}/v1", api_key="none", max_retries=0)
     stream = sdk.chat.completions.create(
@@ -119,7 +113,7 @@ def test_a_stock_client_streams_the_citations_before_the_first_token(
     assert chunks[with_cites[0]].choices[0].delta.content is None
     assert chunks[-1].choices[0].finish_reason and extra[-1]["citations"] == first["citations"]
     health = json.loads(urllib.request.urlopen(f"{daemon.http_url}/health", timeout=10).read())
-    assert health["kb_default"] is False
+    assert health["kb_default"] is True
 
 
 def test_no_knowledge_base_is_a_clear_error(conn: Conn) -> None:
